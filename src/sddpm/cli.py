@@ -1,0 +1,126 @@
+"""The ``sddpm`` command line: parses arguments and calls library functions, nothing more."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(
+    help="Spiking denoising diffusion models: train, sample, evaluate, measure energy.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def fail(message: str) -> None:
+    """Print an error the user can act on and exit with status 2."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def print_table(headers: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
+    for line in [headers, ["-" * w for w in widths], *rows]:
+        typer.echo("  ".join(str(x).rjust(w) for x, w in zip(line, widths, strict=True)))
+
+
+@app.command("models")
+def models_command() -> None:
+    """List the model presets: parameters, image shape and SNN time steps."""
+    import torch
+
+    from .models import PRESETS, build_model, count_parameters
+
+    rows = []
+    for name, cfg in PRESETS.items():
+        with torch.device("meta"):
+            n = count_parameters(build_model(cfg))
+        shape = f"{cfg.image_channels}x{cfg.image_size}x{cfg.image_size}"
+        rows.append([name, f"{n:,}", shape, str(cfg.snn_timesteps)])
+    print_table(["preset", "parameters", "image (CxHxW)", "SNN steps"], rows)
+
+
+def _parse_ints(text: str | None, what: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(x) for x in text.replace("[", "").replace("]", "").split(","))
+    except ValueError:
+        fail(f"{what} must be comma-separated integers like 1,2,2,4, got {text!r}")
+        raise
+
+
+@app.command("convert")
+def convert_command(
+    checkpoint: Path = typer.Argument(..., help="A published SDDPM .pt checkpoint."),
+    out: Path = typer.Option(..., "--out", help="Model directory to write."),
+    preset_name: str = typer.Option("cifar10", "--preset", help="Architecture preset."),
+    ch: int | None = typer.Option(None, "--ch", help="Override: base channels."),
+    ch_mult: str | None = typer.Option(None, "--ch-mult", help="Override, e.g. 1,2,2,4."),
+    num_res_blocks: int | None = typer.Option(None, "--num-res-blocks"),
+    img_ch: int | None = typer.Option(None, "--img-ch"),
+    img_size: int | None = typer.Option(None, "--img-size"),
+    timestep: int | None = typer.Option(None, "--timestep", help="Override: SNN time steps."),
+    entry: str = typer.Option("net_model", "--entry", help="net_model or ema_model."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
+) -> None:
+    """Turn a published SDDPM .pt checkpoint into an sddpm model directory
+    (config.json + model.safetensors, plus ema.safetensors when the checkpoint has an EMA)."""
+    from .compat import from_published, load_published_file, published_state_dict
+    from .models import preset, save_pretrained
+
+    if not checkpoint.is_file():
+        fail(f"{checkpoint} does not exist")
+    if out.exists() and any(out.iterdir()) and not force:
+        fail(f"{out} exists and is not empty; choose another --out or pass --force")
+    try:
+        cfg = preset(preset_name)
+        overrides = {
+            "channels": ch,
+            "channel_mult": _parse_ints(ch_mult, "--ch-mult"),
+            "num_res_blocks": num_res_blocks,
+            "image_channels": img_ch,
+            "image_size": img_size,
+            "snn_timesteps": timestep,
+        }
+        cfg = cfg.replace(**{k: v for k, v in overrides.items() if v is not None})
+        ckpt = load_published_file(checkpoint)
+        model = from_published(published_state_dict(ckpt, entry), cfg)
+        ema_state = None
+        other = "ema_model" if entry == "net_model" else None
+        if other and other in ckpt:
+            ema_state = from_published(published_state_dict(ckpt, other), cfg).state_dict()
+    except ValueError as err:
+        fail(str(err))
+        return
+    # Write beside the target, then move into place: no half-written directory on failure.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_pretrained(
+            model,
+            tmp,
+            ema_state=ema_state,
+            default_weights="model",
+            extra={"source": {"published_checkpoint": str(checkpoint), "entry": entry}},
+        )
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    typer.echo(f"wrote {out} ({entry}{' + ema_model' if ema_state is not None else ''})")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,307 @@
+"""The spiking U-Net of SDDPM (Cao et al., WACV 2024) and its ANN twin.
+
+Tensors between blocks are ``[S, B, C, H, W]`` floats, S the number of SNN time steps. Every
+conv except the first is fed by a spiking neuron; conv + BatchNorm run on the folded
+``[S*B, C, H, W]`` tensor, so BatchNorm statistics pool all SNN steps (as published). Residual
+paths stay real-valued. The ANN twin is the same network with S = 1 and a real activation in
+place of every neuron.
+
+The model owns its neuron state: every call starts from membrane potential at rest, so two
+identical calls return identical outputs and no batch influences the next.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..snn import SpikingNeuron, Surrogate
+from .config import UNetConfig
+
+
+def _fold(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(0, 1)
+
+
+def _unfold(x: torch.Tensor, steps: int) -> torch.Tensor:
+    return x.unflatten(0, (steps, -1))
+
+
+def _conv_bn(conv: nn.Module, bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """conv then BatchNorm on the folded SNN axis: ``[S, B, C, H, W]`` in and out."""
+    return _unfold(bn(conv(_fold(x))), x.shape[0])
+
+
+def sinusoidal_table(num_steps: int, dim: int) -> torch.Tensor:
+    """``[num_steps, dim]``; row t is ``[sin(t w_0), cos(t w_0), sin(t w_1), ...]`` with
+    ``w_k = exp(-(2k / dim) ln 10000)`` (the published DDPM embedding, float32)."""
+    freqs = torch.exp(-torch.arange(0, dim, 2) / dim * math.log(10000))
+    angles = torch.arange(num_steps).float()[:, None] * freqs[None, :]
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).reshape(num_steps, dim)
+
+
+class TimeEmbedding(nn.Module):
+    """Diffusion step t -> ``[B, 4 ch]``: frozen sinusoidal table, Linear, Swish, Linear."""
+
+    def __init__(self, num_steps: int, ch: int, dim: int) -> None:
+        super().__init__()
+        # A frozen parameter (not a buffer) as published, so it counts in the parameters and
+        # appears in checkpoints under the published name.
+        self.table = nn.Parameter(sinusoidal_table(num_steps, ch), requires_grad=False)
+        self.proj_in = nn.Linear(ch, dim)
+        self.proj_out = nn.Linear(dim, dim)
+        for lin in (self.proj_in, self.proj_out):
+            nn.init.xavier_uniform_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.proj_out(F.silu(self.proj_in(F.embedding(t, self.table))))
+
+
+def _xavier(*modules: nn.Module) -> None:
+    for m in modules:
+        nn.init.xavier_uniform_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+class Stem(nn.Module):
+    """Image -> first feature map: conv + BN (real input), neuron, conv + BN."""
+
+    def __init__(self, in_ch: int, ch: int, make_neuron) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_ch, ch, 3, padding=1)
+        self.bn = nn.BatchNorm2d(ch)
+        self.neuron = make_neuron()
+        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)  # published `conv_identity`, default init
+        self.bn2 = nn.BatchNorm2d(ch)
+        _xavier(self.conv)
+
+    def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
+        h = _conv_bn(self.conv, self.bn, x_seq)
+        return _conv_bn(self.conv2, self.bn2, self.neuron(h))
+
+
+class ResBlock(nn.Module):
+    """``bn1(conv1(IF(x))) + time projection``, then ``bn2(conv2(IF(.)))``, plus a real-valued
+    shortcut of x (1x1 conv with bias when the width changes)."""
+
+    def __init__(self, in_ch: int, out_ch: int, tdim: int, make_neuron) -> None:
+        super().__init__()
+        self.neuron1 = make_neuron()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.time_proj = nn.Linear(tdim, out_ch)  # applied to swish(temb)
+        self.neuron2 = make_neuron()
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        _xavier(self.conv1, self.conv2, self.time_proj)
+        if isinstance(self.skip, nn.Conv2d):
+            _xavier(self.skip)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = _conv_bn(self.conv1, self.bn1, self.neuron1(x))
+        h = h + self.time_proj(F.silu(temb))[None, :, :, None, None]
+        h = _conv_bn(self.conv2, self.bn2, self.neuron2(h))
+        return h + _unfold(self.skip(_fold(x)), x.shape[0])
+
+
+class Downsample(nn.Module):
+    """``bn(conv(IF(x)))`` with a 3x3 stride-2 conv."""
+
+    def __init__(self, ch: int, make_neuron) -> None:
+        super().__init__()
+        self.neuron = make_neuron()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(ch)
+        _xavier(self.conv)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        return _conv_bn(self.conv, self.bn, self.neuron(x))
+
+
+class Upsample(nn.Module):
+    """``bn(conv(nearest_x2(IF(x))))`` with a 3x3 conv."""
+
+    def __init__(self, ch: int, make_neuron) -> None:
+        super().__init__()
+        self.neuron = make_neuron()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.bn = nn.BatchNorm2d(ch)
+        _xavier(self.conv)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        s = self.neuron(x)
+        up = F.interpolate(_fold(s), scale_factor=2, mode="nearest")
+        return _unfold(self.bn(self.conv(up)), x.shape[0])
+
+
+class Head(nn.Module):
+    """``bn, swish, conv`` to image channels (per SNN step), then the published temporal layer:
+    ``h + swish(bn(conv3x3(h)))`` per step, and the decayed sum over SNN steps."""
+
+    def __init__(self, ch: int, out_ch: int, decay: float) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(ch)
+        self.conv = nn.Conv2d(ch, out_ch, 3, padding=1)
+        # Published `T_output_layer`: a Conv3d with kernel (3, 3, 1) over [B, C, H, W, S]; it
+        # never mixes SNN steps, so it is a 3x3 conv per step. Kept as Conv3d for the weights'
+        # shape; computed as conv2d.
+        self.temporal_conv = nn.Conv3d(out_ch, out_ch, (3, 3, 1), padding=(1, 1, 0))
+        self.temporal_bn = nn.BatchNorm2d(out_ch)
+        self.decay = decay
+        nn.init.xavier_uniform_(self.conv.weight, gain=1e-5)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, h_seq: torch.Tensor) -> torch.Tensor:
+        steps = h_seq.shape[0]
+        h = self.conv(F.silu(self.bn(_fold(h_seq))))
+        w = self.temporal_conv.weight.squeeze(-1)
+        z = self.temporal_bn(F.conv2d(h, w, self.temporal_conv.bias, padding=1))
+        out = _unfold(F.silu(z) + h, steps)
+        weights = self.decay ** torch.arange(steps - 1, -1, -1, dtype=out.dtype, device=out.device)
+        return (out * weights.view(-1, 1, 1, 1, 1)).sum(0)
+
+
+class UNet(nn.Module):
+    """The SDDPM U-Net: ``model(x_t [B,C,H,W], t [B] int) -> eps [B,C,H,W]``.
+
+    Build it with :func:`sddpm.models.build_model` (or :class:`SpikingUNet` / :class:`ANNUNet`).
+    """
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        tdim = c.time_embed_dim
+        make = self._neuron_factory()
+        self.time_embed = TimeEmbedding(c.diffusion_steps, c.channels, tdim)
+        self.stem = Stem(c.image_channels, c.channels, make)
+
+        self.encoder = nn.ModuleList()
+        skip_channels = [c.channels]
+        now = c.channels
+        for level, mult in enumerate(c.channel_mult):
+            out = c.channels * mult
+            for _ in range(c.num_res_blocks):
+                self.encoder.append(ResBlock(now, out, tdim, make))
+                now = out
+                skip_channels.append(now)
+            if level != len(c.channel_mult) - 1:
+                self.encoder.append(Downsample(now, make))
+                skip_channels.append(now)
+
+        self.middle = nn.ModuleList([ResBlock(now, now, tdim, make) for _ in range(2)])
+
+        self.decoder = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(c.channel_mult))):
+            out = c.channels * mult
+            for _ in range(c.num_res_blocks + 1):
+                self.decoder.append(ResBlock(skip_channels.pop() + now, out, tdim, make))
+                now = out
+            if level != 0:
+                self.decoder.append(Upsample(now, make))
+        assert not skip_channels
+
+        self.head = Head(now, c.image_channels, c.output_decay)
+
+    def _neuron_factory(self):
+        c = self.config
+        if c.kind == "ann":
+            act = {"silu": nn.SiLU, "relu": nn.ReLU}[c.ann_activation]
+            return act
+        n = c.neuron
+        surrogate = Surrogate(n.surrogate, n.surrogate_width)
+
+        def make() -> SpikingNeuron:
+            return SpikingNeuron(
+                threshold=n.threshold,
+                tau=n.tau,
+                reset=n.reset,
+                v_reset=n.v_reset,
+                detach_reset=n.detach_reset,
+                surrogate=surrogate,
+            )
+
+        return make
+
+    @property
+    def time_steps(self) -> int:
+        """SNN time steps this network runs (1 for the ANN twin)."""
+        return self.config.effective_timesteps
+
+    def validate_input(self, x: torch.Tensor, t: torch.Tensor | None = None) -> None:
+        """Raise ``ValueError`` naming what is allowed if ``x`` (and ``t``) cannot be processed."""
+        c = self.config
+        m = c.size_multiple
+        if x.dim() != 4:
+            raise ValueError(f"expected x of shape [B, C, H, W], got {tuple(x.shape)}")
+        if x.shape[1] != c.image_channels:
+            raise ValueError(
+                f"this model takes {c.image_channels}-channel images, got {x.shape[1]} channels "
+                f"(x of shape {tuple(x.shape)})"
+            )
+        h, w = x.shape[-2:]
+        if h % m or w % m or h < m or w < m:
+            raise ValueError(
+                f"image size {h}x{w} cannot be halved {len(c.channel_mult) - 1} times: height "
+                f"and width must be multiples of {m} ({m}, {2 * m}, {3 * m}, ...)"
+            )
+        if t is not None:
+            if t.shape != (x.shape[0],):
+                raise ValueError(f"expected t of shape [{x.shape[0]}], got {tuple(t.shape)}")
+            if t.dtype.is_floating_point or t.dtype == torch.bool:
+                raise ValueError(f"t must hold integer diffusion steps, got dtype {t.dtype}")
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= c.diffusion_steps):
+                raise ValueError(
+                    f"t must be in [0, {c.diffusion_steps - 1}], got values "
+                    f"{int(t.min())}..{int(t.max())}"
+                )
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.validate_input(x, t)
+        temb = self.time_embed(t)
+        steps = self.time_steps
+        h = self.stem(x.unsqueeze(0).expand(steps, *x.shape))
+        skips = [h]
+        for block in self.encoder:
+            h = block(h, temb)
+            skips.append(h)
+        for block in self.middle:
+            h = block(h, temb)
+        for block in self.decoder:
+            if isinstance(block, ResBlock):
+                h = torch.cat([h, skips.pop()], dim=2)
+            h = block(h, temb)
+        return self.head(h)
+
+
+class SpikingUNet(UNet):
+    """The spiking U-Net (``config.kind`` must be ``"spiking"``)."""
+
+    def __init__(self, config: UNetConfig) -> None:
+        if config.kind != "spiking":
+            raise ValueError(f"SpikingUNet needs kind='spiking', got {config.kind!r}")
+        super().__init__(config)
+
+
+class ANNUNet(UNet):
+    """The ANN twin: same layers and parameters, real activations, no SNN time axis."""
+
+    def __init__(self, config: UNetConfig) -> None:
+        if config.kind != "ann":
+            config = config.replace(kind="ann")
+        super().__init__(config)
+
+
+def build_model(config: UNetConfig) -> UNet:
+    """The spiking U-Net or its ANN twin, as ``config.kind`` says."""
+    return SpikingUNet(config) if config.kind == "spiking" else ANNUNet(config)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """All parameters, the frozen embedding table included (as the published count)."""
+    return sum(p.numel() for p in model.parameters())

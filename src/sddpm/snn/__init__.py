@@ -1,0 +1,29 @@
+"""Spiking neurons (IF, LIF; hard and soft reset) and surrogate gradients."""
+
+from .neuron import RESET_MODES, SpikingNeuron, neuron_step
+from .surrogate import Surrogate, atan_grad, heaviside, rectangular_grad, sigmoid_grad
+from .threshold import (
+    get_thresholds,
+    override_threshold,
+    reset_neurons,
+    restore_thresholds,
+    set_threshold,
+    spiking_neurons,
+)
+
+__all__ = [
+    "RESET_MODES",
+    "SpikingNeuron",
+    "Surrogate",
+    "atan_grad",
+    "get_thresholds",
+    "heaviside",
+    "neuron_step",
+    "override_threshold",
+    "rectangular_grad",
+    "reset_neurons",
+    "restore_thresholds",
+    "set_threshold",
+    "sigmoid_grad",
+    "spiking_neurons",
+]

@@ -1,0 +1,167 @@
+"""Hand-computed membrane and spike trajectories, surrogate gradients vs their formulas."""
+
+import math
+
+import pytest
+import torch
+
+from sddpm.snn import (
+    SpikingNeuron,
+    Surrogate,
+    get_thresholds,
+    neuron_step,
+    override_threshold,
+    set_threshold,
+)
+
+
+def run(neuron: SpikingNeuron, xs: list[float]) -> tuple[list[float], list[float]]:
+    """Spikes and the membrane after reset, step by step, for a single neuron."""
+    v = torch.tensor([neuron.v_reset if neuron.reset == "hard" else 0.0])
+    spikes, vs = [], []
+    for x in xs:
+        s, v = neuron_step(
+            v,
+            torch.tensor([x]),
+            threshold=neuron.threshold,
+            surrogate=neuron.surrogate,
+            tau=neuron.tau,
+            reset=neuron.reset,
+            v_reset=neuron.v_reset,
+        )
+        spikes.append(s.item())
+        vs.append(v.item())
+    # the multi-step module must agree with the step function
+    seq = neuron(torch.tensor(xs).view(-1, 1))
+    assert seq.view(-1).tolist() == spikes
+    assert neuron.last_v.item() == pytest.approx(vs[-1])
+    return spikes, vs
+
+
+def test_if_hard_reset_trajectory():
+    # v: 0.6 -> 1.2 fires, reset 0 -> 0.5 -> 1.0 fires at exactly the threshold -> 0 -> -0.3
+    spikes, vs = run(SpikingNeuron(), [0.6, 0.6, 0.5, 0.5, -0.3])
+    assert spikes == [0, 1, 0, 1, 0]
+    assert vs == pytest.approx([0.6, 0.0, 0.5, 0.0, -0.3])
+
+
+def test_if_hard_reset_to_nonzero_value():
+    spikes, vs = run(SpikingNeuron(threshold=1.0, v_reset=-0.5), [1.0, 1.6, 0.2])
+    # start at -0.5: 0.5 (no spike), 2.1 spike -> -0.5, -0.3
+    assert spikes == [0, 1, 0]
+    assert vs == pytest.approx([0.5, -0.5, -0.3])
+
+
+def test_if_soft_reset_trajectory():
+    spikes, vs = run(SpikingNeuron(reset="soft"), [0.7, 0.7, 1.5, 0.1])
+    # 0.7; 1.4 fires -> 0.4; 1.9 fires -> 0.9; 1.0 fires -> 0.0
+    assert spikes == [0, 1, 1, 1]
+    assert vs == pytest.approx([0.7, 0.4, 0.9, 0.0])
+
+
+def test_lif_hard_reset_trajectory():
+    # tau 2, decay_input: h = v + (x - v) / 2
+    spikes, vs = run(SpikingNeuron(tau=2.0), [1.0, 1.0, 3.0, 0.0])
+    # 0.5; 0.75; 0.75 + (3 - 0.75)/2 = 1.875 fires -> 0; 0
+    assert spikes == [0, 0, 1, 0]
+    assert vs == pytest.approx([0.5, 0.75, 0.0, 0.0])
+
+
+def test_lif_soft_reset_trajectory():
+    spikes, vs = run(SpikingNeuron(tau=2.0, reset="soft"), [2.0, 2.0, 0.0])
+    # 1.0 fires -> 0.0; 1.0 fires -> 0.0; 0.0
+    assert spikes == [1, 1, 0]
+    assert vs == pytest.approx([0.0, 0.0, 0.0])
+    spikes, vs = run(SpikingNeuron(tau=4.0, reset="soft"), [3.0, 3.0])
+    # 0.75; 0.75 + (3 - 0.75)/4 = 1.3125 fires -> 0.3125
+    assert spikes == [0, 1]
+    assert vs == pytest.approx([0.75, 0.3125])
+
+
+def test_lif_without_input_decay():
+    n = SpikingNeuron(tau=2.0)
+    n.decay_input = False
+    s, v = neuron_step(
+        torch.tensor([0.8]),
+        torch.tensor([0.1]),
+        threshold=1.0,
+        surrogate=Surrogate(),
+        tau=2.0,
+        decay_input=False,
+    )
+    assert s.item() == 0 and v.item() == pytest.approx(0.8 - 0.4 + 0.1)
+
+
+def test_spikes_are_exactly_binary_and_state_never_leaks():
+    n = SpikingNeuron()
+    x = torch.randn(4, 3, 5, 5) * 2
+    s1 = n(x)
+    assert set(s1.unique().tolist()) <= {0.0, 1.0}
+    n(torch.randn(4, 3, 5, 5) * 5)  # another batch in between
+    assert torch.equal(n(x), s1)
+    assert "last_v" not in n.state_dict() and len(n.state_dict()) == 0
+
+
+@pytest.mark.parametrize(
+    "kind,width,formula",
+    [
+        ("atan", 2.0, lambda u, a: a / 2 / (1 + (math.pi / 2 * a * u) ** 2)),
+        ("atan", 3.0, lambda u, a: a / 2 / (1 + (math.pi / 2 * a * u) ** 2)),
+        ("sigmoid", 4.0, lambda u, a: a * torch.sigmoid(a * u) * (1 - torch.sigmoid(a * u))),
+        ("rectangular", 1.0, lambda u, w: (u.abs() < w / 2).to(u.dtype) / w),
+        ("rectangular", 0.5, lambda u, w: (u.abs() < w / 2).to(u.dtype) / w),
+    ],
+)
+def test_surrogate_gradient_equals_formula(kind, width, formula):
+    u = torch.linspace(-2, 2, 41, dtype=torch.float64).requires_grad_()
+    sg = Surrogate(kind, width)
+    s = sg(u)
+    assert torch.equal(s.detach(), (u >= 0).double())
+    g = torch.linspace(0.5, 1.5, 41, dtype=torch.float64)
+    s.backward(g)
+    torch.testing.assert_close(u.grad, g * formula(u.detach(), width), rtol=1e-12, atol=0)
+    torch.testing.assert_close(sg.grad(u.detach()), formula(u.detach(), width))
+
+
+def test_atan_default_alpha_is_published_value():
+    assert Surrogate().resolved_width == 2.0
+    u = torch.zeros(1, requires_grad=True)
+    Surrogate()(u).sum().backward()
+    assert u.grad.item() == pytest.approx(1.0)  # alpha / 2 at u = 0
+
+
+def test_hard_reset_gradient_flows_through_spike_unless_detached():
+    # v_next = h * (1 - s): d v_next / d x = (1 - s) - h * ds/du
+    for detach, expected in [(False, (1 - 1) - 1.2 * 1 / (1 + (math.pi * 0.2) ** 2)), (True, 0.0)]:
+        x = torch.tensor([1.2], requires_grad=True)
+        _, v = neuron_step(
+            torch.zeros(1), x, threshold=1.0, surrogate=Surrogate(), detach_reset=detach
+        )
+        v.sum().backward()
+        assert x.grad.item() == pytest.approx(expected)
+
+
+def test_threshold_helpers_set_and_restore():
+    model = torch.nn.Sequential(SpikingNeuron(), torch.nn.Linear(2, 2), SpikingNeuron(0.5))
+    assert get_thresholds(model) == [1.0, 0.5]
+    with override_threshold(model, 0.997):
+        assert get_thresholds(model) == [0.997, 0.997]
+    assert get_thresholds(model) == [1.0, 0.5]
+    with pytest.raises(RuntimeError, match="boom"), override_threshold(model, 2.0):
+        raise RuntimeError("boom")
+    assert get_thresholds(model) == [1.0, 0.5]
+    assert set_threshold(model, 1.1) == [1.0, 0.5]
+    assert get_thresholds(model) == [1.1, 1.1]
+    with pytest.raises(ValueError, match="> 0"):
+        set_threshold(model, 0.0)
+    with pytest.raises(ValueError, match="no spiking neurons"):
+        set_threshold(torch.nn.Linear(2, 2), 1.0)
+
+
+def test_bad_neuron_settings_are_refused():
+    with pytest.raises(ValueError, match="reset"):
+        SpikingNeuron(reset="sideways")
+    with pytest.raises(ValueError, match="surrogate"):
+        Surrogate("tanh")
+    with pytest.raises(ValueError, match="tau"):
+        SpikingNeuron(tau=0.5)
