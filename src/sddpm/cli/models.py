@@ -1,4 +1,4 @@
-"""The ``sddpm`` command line: parses arguments and calls library functions, nothing more."""
+"""``sddpm models`` and ``sddpm convert``."""
 
 from __future__ import annotations
 
@@ -9,24 +9,7 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(
-    help="Spiking denoising diffusion models: train, sample, evaluate, measure energy.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
-
-def fail(message: str) -> None:
-    """Print an error the user can act on and exit with status 2."""
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
-
-
-def print_table(headers: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
-    for line in [headers, ["-" * w for w in widths], *rows]:
-        typer.echo("  ".join(str(x).rjust(w) for x, w in zip(line, widths, strict=True)))
+from ._app import app, fail, parse_ints, print_table
 
 
 @app.command("models")
@@ -34,7 +17,7 @@ def models_command() -> None:
     """List the model presets: parameters, image shape and SNN time steps."""
     import torch
 
-    from .models import PRESETS, build_model, count_parameters
+    from ..models import PRESETS, build_model, count_parameters
 
     rows = []
     for name, cfg in PRESETS.items():
@@ -43,16 +26,6 @@ def models_command() -> None:
         shape = f"{cfg.image_channels}x{cfg.image_size}x{cfg.image_size}"
         rows.append([name, f"{n:,}", shape, str(cfg.snn_timesteps)])
     print_table(["preset", "parameters", "image (CxHxW)", "SNN steps"], rows)
-
-
-def _parse_ints(text: str | None, what: str) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(int(x) for x in text.replace("[", "").replace("]", "").split(","))
-    except ValueError:
-        fail(f"{what} must be comma-separated integers like 1,2,2,4, got {text!r}")
-        raise
 
 
 @app.command("convert")
@@ -71,8 +44,8 @@ def convert_command(
 ) -> None:
     """Turn a published SDDPM .pt checkpoint into an sddpm model directory
     (config.json + model.safetensors, plus ema.safetensors when the checkpoint has an EMA)."""
-    from .compat import from_published, load_published_file, published_state_dict
-    from .models import preset, save_pretrained
+    from ..compat import from_published, load_published_file, published_state_dict
+    from ..models import preset, save_pretrained
 
     if not checkpoint.is_file():
         fail(f"{checkpoint} does not exist")
@@ -82,7 +55,7 @@ def convert_command(
         cfg = preset(preset_name)
         overrides = {
             "channels": ch,
-            "channel_mult": _parse_ints(ch_mult, "--ch-mult"),
+            "channel_mult": parse_ints(ch_mult, "--ch-mult"),
             "num_res_blocks": num_res_blocks,
             "image_channels": img_ch,
             "image_size": img_size,
@@ -116,11 +89,3 @@ def convert_command(
         if tmp.exists():
             shutil.rmtree(tmp)
     typer.echo(f"wrote {out} ({entry}{' + ema_model' if ema_state is not None else ''})")
-
-
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()

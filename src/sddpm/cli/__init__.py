@@ -1,0 +1,16 @@
+"""The ``sddpm`` command line: parses arguments and calls library functions, nothing more.
+
+Each command lives in a module of its own here and registers itself on :data:`app`.
+"""
+
+from __future__ import annotations
+
+from . import models  # noqa: F401  (registers models, convert)
+from ._app import app
+
+
+def main() -> None:
+    app()
+
+
+__all__ = ["app", "main"]

@@ -1,0 +1,36 @@
+"""The Typer application and the small helpers every command uses."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    help="Spiking denoising diffusion models: train, sample, evaluate, measure energy.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def fail(message: str) -> None:
+    """Print an error the user can act on and exit with status 2."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def print_table(headers: list[str], rows: list[list[str]]) -> None:
+    """A plain right-aligned table on stdout."""
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
+    for line in [headers, ["-" * w for w in widths], *rows]:
+        typer.echo("  ".join(str(x).rjust(w) for x, w in zip(line, widths, strict=True)))
+
+
+def parse_ints(text: str | None, what: str) -> tuple[int, ...] | None:
+    """``"1,2,2,4"`` (or ``"[1, 2]"``) -> ``(1, 2, 2, 4)``; None stays None."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(x) for x in text.replace("[", "").replace("]", "").split(","))
+    except ValueError:
+        fail(f"{what} must be comma-separated integers like 1,2,2,4, got {text!r}")
+        raise
