@@ -138,3 +138,17 @@ def test_model_directory_round_trip(tmp_path):
 def test_loading_a_directory_without_config_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
         load_pretrained(tmp_path)
+
+
+def test_run_directory_resolves_to_latest_complete_checkpoint(tmp_path):
+    model = tiny()
+    run = tmp_path / "run"
+    save_pretrained(model, run / "checkpoints" / "step_00000010")
+    save_pretrained(model, run / "checkpoints" / "step_00000020")
+    (run / "checkpoints" / "step_00000030").mkdir()  # incomplete: no config.json
+    from sddpm.models import find_model_dir
+
+    assert find_model_dir(run).name == "step_00000020"
+    assert load_pretrained(run).config == model.config
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+        find_model_dir(tmp_path / "empty")

@@ -1,6 +1,6 @@
 """The spiking U-Net, its ANN twin, presets and the checkpoint format."""
 
-from .checkpoint import load_pretrained, save_pretrained
+from .checkpoint import find_model_dir, load_pretrained, read_config, save_pretrained
 from .config import NeuronConfig, UNetConfig
 from .presets import PRESETS, preset
 from .unet import ANNUNet, SpikingUNet, UNet, build_model, count_parameters
@@ -14,6 +14,8 @@ __all__ = [
     "UNetConfig",
     "build_model",
     "count_parameters",
+    "find_model_dir",
+    "read_config",
     "load_pretrained",
     "preset",
     "save_pretrained",

@@ -1,5 +1,10 @@
 """The model directory format: ``config.json`` + ``model.safetensors`` (+ ``ema.safetensors``).
 
+A training run directory holds model directories as checkpoints:
+``RUN_DIR/config.json`` (the run's resolved config, format ``sddpm.run``) and
+``RUN_DIR/checkpoints/step_XXXXXXXX/`` (each a model directory plus the training state).
+:func:`find_model_dir` resolves either kind of path to the model directory to load.
+
 A directory is loadable on its own: the config says how to build the network, the weights
 fill it. ``config.json`` holds ``{"format": "sddpm.model", "version": 1, "model": {...},
 "default_weights": "model" | "ema", ...}``; other sections (training, diffusion) may sit beside
@@ -94,8 +99,10 @@ def load_pretrained(
     directory: str | os.PathLike, weights: str | None = None, map_location: str = "cpu"
 ) -> UNet:
     """Build the model a directory describes and load its weights (``"model"`` or ``"ema"``;
-    default: the directory's ``default_weights``). Returned in eval mode."""
-    directory = Path(directory)
+    default: the directory's ``default_weights``). Returned in eval mode.
+
+    ``directory`` may also be a run directory: its latest checkpoint is loaded."""
+    directory = find_model_dir(directory)
     config = read_config(directory)
     which = weights or config.get("default_weights", "model")
     if which not in WEIGHT_FILES:
@@ -106,6 +113,42 @@ def load_pretrained(
     model = build_model(UNetConfig.from_dict(config["model"]))
     load_state_into(model, load_file(str(path), device=map_location), str(path))
     return model.eval()
+
+
+CHECKPOINTS_DIR = "checkpoints"
+STEP_PREFIX = "step_"
+
+
+def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of a run (those with a ``config.json``), oldest step first."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        suffix = d.name.removeprefix(STEP_PREFIX)
+        if d.name.startswith(STEP_PREFIX) and suffix.isdigit() and (d / CONFIG_NAME).is_file():
+            found.append((int(suffix), d))
+    return [d for _, d in sorted(found)]
+
+
+def find_model_dir(path: str | os.PathLike) -> Path:
+    """A model directory as is, or the latest complete checkpoint of a run directory."""
+    path = Path(path)
+    if (path / CONFIG_NAME).is_file():
+        try:
+            if json.loads((path / CONFIG_NAME).read_text()).get("format") == FORMAT:
+                return path
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path / CONFIG_NAME} is not valid JSON: {err}") from None
+    ckpts = checkpoint_dirs(path)
+    if not ckpts:
+        raise FileNotFoundError(
+            f"{path} holds no checkpoint: expected a model directory (config.json + "
+            f"model.safetensors) or a run directory with {CHECKPOINTS_DIR}/{STEP_PREFIX}*/ "
+            "(train one with `sddpm train`, or convert a published one with `sddpm convert`)"
+        )
+    return ckpts[-1]
 
 
 def _available(directory: Path) -> list[str]:
