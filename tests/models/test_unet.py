@@ -136,7 +136,7 @@ def test_model_directory_round_trip(tmp_path):
 
 
 def test_loading_a_directory_without_config_says_so(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
         load_pretrained(tmp_path)
 
 
