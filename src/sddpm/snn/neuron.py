@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .fused import multistep_neuron
 from .surrogate import Surrogate
 
 RESET_MODES = ("hard", "soft")
@@ -68,6 +69,8 @@ class SpikingNeuron(nn.Module):
         detach_reset: stop the gradient through the reset.
         surrogate: the surrogate gradient of the spike.
         decay_input: LIF only: the input is divided by tau too (spikingjelly's default).
+        fused: run all time steps as one autograd node that keeps only the pre-spike membrane
+            for the backward pass (:mod:`sddpm.snn.fused`); ``False`` records every step.
     """
 
     def __init__(
@@ -79,6 +82,7 @@ class SpikingNeuron(nn.Module):
         detach_reset: bool = False,
         surrogate: Surrogate | None = None,
         decay_input: bool = True,
+        fused: bool = True,
     ) -> None:
         super().__init__()
         if reset not in RESET_MODES:
@@ -94,10 +98,28 @@ class SpikingNeuron(nn.Module):
         self.detach_reset = detach_reset
         self.surrogate = surrogate or Surrogate()
         self.decay_input = decay_input
+        self.fused = fused
         self.last_v: torch.Tensor | None = None
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         """``x_seq`` is ``[T, B, ...]``; returns spikes of the same shape (0.0 or 1.0)."""
+        if self.fused:
+            spikes, v = multistep_neuron(
+                x_seq,
+                threshold=self.threshold,
+                surrogate=self.surrogate,
+                tau=self.tau,
+                reset=self.reset,
+                v_reset=self.v_reset,
+                detach_reset=self.detach_reset,
+                decay_input=self.decay_input,
+            )
+            self.last_v = v
+            return spikes
+        return self.step_by_step(x_seq)
+
+    def step_by_step(self, x_seq: torch.Tensor) -> torch.Tensor:
+        """The same computation with autograd through every step (the plain reference)."""
         v = torch.full_like(x_seq[0], self.v_reset if self.reset == "hard" else 0.0)
         spikes = []
         for x in x_seq:

@@ -1,0 +1,89 @@
+"""A neuron layer over all SNN time steps as one autograd node.
+
+Autograd through the step loop keeps several float tensors per step (the surrogate's input,
+the membrane and the spike of the reset) and records a dozen graph nodes per step. Here the
+forward runs without autograd and keeps only the pre-spike membrane ``h_t`` of every step;
+spikes are recomputed from it (``h_t >= threshold``) in the backward pass, which walks the steps
+in reverse (backpropagation through time) with the same formulas autograd would apply.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .surrogate import Surrogate, heaviside
+
+
+def _charge(v, x, tau, v_rest, decay_input):
+    if tau is None:
+        return v + x
+    if decay_input:
+        return v + (x - (v - v_rest)) / tau
+    return v - (v - v_rest) / tau + x
+
+
+class MultiStepNeuronFunction(torch.autograd.Function):
+    """``x_seq [T, ...] -> (spikes [T, ...], last membrane [...])`` for an IF/LIF neuron whose
+    membrane starts at rest; the last membrane carries no gradient."""
+
+    @staticmethod
+    def forward(ctx, x_seq, threshold, surrogate, tau, reset, v_reset, detach_reset, decay_input):
+        v_rest = v_reset if reset == "hard" else 0.0
+        v = torch.full_like(x_seq[0], v_rest)
+        h_seq = torch.empty_like(x_seq)
+        spikes = torch.empty_like(x_seq)
+        for t in range(x_seq.shape[0]):
+            h = _charge(v, x_seq[t], tau, v_rest, decay_input)
+            s = heaviside(h - threshold)
+            v = h * (1.0 - s) + v_reset * s if reset == "hard" else h - threshold * s
+            h_seq[t] = h
+            spikes[t] = s
+        ctx.save_for_backward(h_seq)
+        ctx.settings = (threshold, surrogate, tau, reset, v_reset, detach_reset, decay_input)
+        ctx.mark_non_differentiable(v)
+        return spikes, v
+
+    @staticmethod
+    def backward(ctx, grad_spikes, _grad_last_v):
+        (h_seq,) = ctx.saved_tensors
+        threshold, surrogate, tau, reset, v_reset, detach_reset, decay_input = ctx.settings
+        # charge derivatives: h = a * v_prev + b * x (+ const)
+        if tau is None:
+            dh_dv, dh_dx = 1.0, 1.0
+        else:
+            dh_dv, dh_dx = 1.0 - 1.0 / tau, (1.0 / tau if decay_input else 1.0)
+        grad_x = torch.empty_like(h_seq)
+        grad_v = torch.zeros_like(h_seq[0])  # dL/dv_t, the membrane after the reset of step t
+        for t in range(h_seq.shape[0] - 1, -1, -1):
+            h = h_seq[t]
+            u = h - threshold
+            s = heaviside(u)
+            if reset == "hard":  # v = h (1 - s) + v_reset s
+                dv_dh = 1.0 - s
+                dv_ds = None if detach_reset else v_reset - h
+            else:  # v = h - threshold s
+                dv_dh = 1.0
+                dv_ds = None if detach_reset else -threshold
+            g_s = grad_spikes[t] if dv_ds is None else grad_spikes[t] + grad_v * dv_ds
+            g_h = g_s * surrogate.grad(u) + grad_v * dv_dh
+            grad_x[t] = g_h * dh_dx
+            grad_v = g_h * dh_dv
+        return grad_x, None, None, None, None, None, None, None
+
+
+def multistep_neuron(
+    x_seq: torch.Tensor,
+    *,
+    threshold: float,
+    surrogate: Surrogate,
+    tau: float | None = None,
+    reset: str = "hard",
+    v_reset: float = 0.0,
+    detach_reset: bool = False,
+    decay_input: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spikes ``[T, ...]`` of a neuron layer driven by ``x_seq [T, ...]`` (one autograd node)
+    and the membrane after the last step."""
+    return MultiStepNeuronFunction.apply(
+        x_seq, threshold, surrogate, tau, reset, v_reset, detach_reset, decay_input
+    )
