@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..snn import SpikingNeuron, Surrogate
+from ..snn import SpikeConv2d, SpikingNeuron, Surrogate
 from .config import UNetConfig
 
 
@@ -70,12 +70,12 @@ def _xavier(*modules: nn.Module) -> None:
 class Stem(nn.Module):
     """Image -> first feature map: conv + BN (real input), neuron, conv + BN."""
 
-    def __init__(self, in_ch: int, ch: int, make_neuron) -> None:
+    def __init__(self, in_ch: int, ch: int, make_neuron, conv) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_ch, ch, 3, padding=1)
         self.bn = nn.BatchNorm2d(ch)
         self.neuron = make_neuron()
-        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)  # published `conv_identity`, default init
+        self.conv2 = conv(ch, ch, 3, padding=1)  # published `conv_identity`, default init
         self.bn2 = nn.BatchNorm2d(ch)
         _xavier(self.conv)
 
@@ -88,14 +88,14 @@ class ResBlock(nn.Module):
     """``bn1(conv1(IF(x))) + time projection``, then ``bn2(conv2(IF(.)))``, plus a real-valued
     shortcut of x (1x1 conv with bias when the width changes)."""
 
-    def __init__(self, in_ch: int, out_ch: int, tdim: int, make_neuron) -> None:
+    def __init__(self, in_ch: int, out_ch: int, tdim: int, make_neuron, conv) -> None:
         super().__init__()
         self.neuron1 = make_neuron()
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.conv1 = conv(in_ch, out_ch, 3, padding=1)
         self.bn1 = nn.BatchNorm2d(out_ch)
         self.time_proj = nn.Linear(tdim, out_ch)  # applied to swish(temb)
         self.neuron2 = make_neuron()
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv2 = conv(out_ch, out_ch, 3, padding=1)
         self.bn2 = nn.BatchNorm2d(out_ch)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
         _xavier(self.conv1, self.conv2, self.time_proj)
@@ -112,10 +112,10 @@ class ResBlock(nn.Module):
 class Downsample(nn.Module):
     """``bn(conv(IF(x)))`` with a 3x3 stride-2 conv."""
 
-    def __init__(self, ch: int, make_neuron) -> None:
+    def __init__(self, ch: int, make_neuron, conv) -> None:
         super().__init__()
         self.neuron = make_neuron()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.conv = conv(ch, ch, 3, stride=2, padding=1)
         self.bn = nn.BatchNorm2d(ch)
         _xavier(self.conv)
 
@@ -126,10 +126,10 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     """``bn(conv(nearest_x2(IF(x))))`` with a 3x3 conv."""
 
-    def __init__(self, ch: int, make_neuron) -> None:
+    def __init__(self, ch: int, make_neuron, conv) -> None:
         super().__init__()
         self.neuron = make_neuron()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv = conv(ch, ch, 3, padding=1)
         self.bn = nn.BatchNorm2d(ch)
         _xavier(self.conv)
 
@@ -178,8 +178,10 @@ class UNet(nn.Module):
         c = config
         tdim = c.time_embed_dim
         make = self._neuron_factory()
+        # Convs behind a neuron: spike-fed (input saved as bool for backward) when spiking.
+        conv = SpikeConv2d if c.kind == "spiking" else nn.Conv2d
         self.time_embed = TimeEmbedding(c.diffusion_steps, c.channels, tdim)
-        self.stem = Stem(c.image_channels, c.channels, make)
+        self.stem = Stem(c.image_channels, c.channels, make, conv)
 
         self.encoder = nn.ModuleList()
         skip_channels = [c.channels]
@@ -187,23 +189,23 @@ class UNet(nn.Module):
         for level, mult in enumerate(c.channel_mult):
             out = c.channels * mult
             for _ in range(c.num_res_blocks):
-                self.encoder.append(ResBlock(now, out, tdim, make))
+                self.encoder.append(ResBlock(now, out, tdim, make, conv))
                 now = out
                 skip_channels.append(now)
             if level != len(c.channel_mult) - 1:
-                self.encoder.append(Downsample(now, make))
+                self.encoder.append(Downsample(now, make, conv))
                 skip_channels.append(now)
 
-        self.middle = nn.ModuleList([ResBlock(now, now, tdim, make) for _ in range(2)])
+        self.middle = nn.ModuleList([ResBlock(now, now, tdim, make, conv) for _ in range(2)])
 
         self.decoder = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.channel_mult))):
             out = c.channels * mult
             for _ in range(c.num_res_blocks + 1):
-                self.decoder.append(ResBlock(skip_channels.pop() + now, out, tdim, make))
+                self.decoder.append(ResBlock(skip_channels.pop() + now, out, tdim, make, conv))
                 now = out
             if level != 0:
-                self.decoder.append(Upsample(now, make))
+                self.decoder.append(Upsample(now, make, conv))
         assert not skip_channels
 
         self.head = Head(now, c.image_channels, c.output_decay)

@@ -1,5 +1,7 @@
 """Spiking neurons (IF, LIF; hard and soft reset) and surrogate gradients."""
 
+from .fused import multistep_neuron
+from .layers import SpikeConv2d
 from .neuron import RESET_MODES, SpikingNeuron, neuron_step
 from .surrogate import Surrogate, atan_grad, heaviside, rectangular_grad, sigmoid_grad
 from .threshold import (
@@ -13,11 +15,13 @@ from .threshold import (
 
 __all__ = [
     "RESET_MODES",
+    "SpikeConv2d",
     "SpikingNeuron",
     "Surrogate",
     "atan_grad",
     "get_thresholds",
     "heaviside",
+    "multistep_neuron",
     "neuron_step",
     "override_threshold",
     "rectangular_grad",
