@@ -152,3 +152,20 @@ def test_run_directory_resolves_to_latest_complete_checkpoint(tmp_path):
     assert load_pretrained(run).config == model.config
     with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
         find_model_dir(tmp_path / "empty")
+
+
+def test_stem_once_equals_batchnorm_on_the_repeated_image():
+    """The stem runs conv + BatchNorm once for all SNN steps: same output, same running stats."""
+    model = tiny().train()
+    stem = model.stem
+    x = torch.randn(3, 1, 8, 8)
+    bn = torch.nn.BatchNorm2d(8)
+    bn.load_state_dict(stem.bn.state_dict())
+    repeated = bn(stem.conv(x.repeat(4, 1, 1, 1)))  # the published computation
+    from sddpm.models.unet import _batch_norm_repeated
+
+    once = _batch_norm_repeated(stem.bn, stem.conv(x), 4)
+    torch.testing.assert_close(once.repeat(4, 1, 1, 1), repeated, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stem.bn.running_mean, bn.running_mean, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(stem.bn.running_var, bn.running_var, rtol=1e-6, atol=1e-7)
+    assert int(stem.bn.num_batches_tracked) == int(bn.num_batches_tracked) == 1

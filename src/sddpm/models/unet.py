@@ -35,6 +35,25 @@ def _conv_bn(conv: nn.Module, bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return _unfold(bn(conv(_fold(x))), x.shape[0])
 
 
+def _batch_norm_repeated(bn: nn.BatchNorm2d, y: torch.Tensor, repeats: int) -> torch.Tensor:
+    """Train-mode ``bn`` on ``y`` repeated ``repeats`` times along the batch, without the copies.
+
+    The normalisation is the same (mean and biased variance do not change under repetition);
+    the running variance uses the unbiased estimate over all ``repeats * N*H*W`` values, as
+    BatchNorm on the repeated tensor would."""
+    out = F.batch_norm(y, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+    if bn.track_running_stats and bn.running_mean is not None:
+        with torch.no_grad():
+            n = repeats * y.numel() // y.shape[1]
+            mean = y.mean((0, 2, 3))
+            var = y.var((0, 2, 3), unbiased=False) * (n / max(n - 1, 1))
+            bn.num_batches_tracked.add_(1)
+            momentum = bn.momentum if bn.momentum is not None else 1 / bn.num_batches_tracked
+            bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), float(momentum))
+            bn.running_var.lerp_(var.to(bn.running_var.dtype), float(momentum))
+    return out
+
+
 def sinusoidal_table(num_steps: int, dim: int) -> torch.Tensor:
     """``[num_steps, dim]``; row t is ``[sin(t w_0), cos(t w_0), sin(t w_1), ...]`` with
     ``w_k = exp(-(2k / dim) ln 10000)`` (the published DDPM embedding, float32)."""
@@ -79,8 +98,15 @@ class Stem(nn.Module):
         self.bn2 = nn.BatchNorm2d(ch)
         _xavier(self.conv)
 
-    def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
-        h = _conv_bn(self.conv, self.bn, x_seq)
+    def forward(self, x: torch.Tensor, steps: int) -> torch.Tensor:
+        """``x [B, C, H, W]`` (the same image on every SNN step) -> ``[S, B, ch, H, W]``.
+
+        The published model repeats the image S times before the first conv; every copy gives
+        the same conv output and the same BatchNorm batch statistics, so conv and BatchNorm run
+        once and the result is broadcast over the S steps."""
+        y = self.conv(x)
+        y = _batch_norm_repeated(self.bn, y, steps) if self.bn.training else self.bn(y)
+        h = y.unsqueeze(0).expand(steps, *y.shape)
         return _conv_bn(self.conv2, self.bn2, self.neuron(h))
 
 
@@ -267,7 +293,7 @@ class UNet(nn.Module):
         self.validate_input(x, t)
         temb = self.time_embed(t)
         steps = self.time_steps
-        h = self.stem(x.unsqueeze(0).expand(steps, *x.shape))
+        h = self.stem(x, steps)
         skips = [h]
         for block in self.encoder:
             h = block(h, temb)
