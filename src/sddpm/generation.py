@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .diffusion import NoiseSchedule, initial_noise, sample
-from .models import find_model_dir, load_pretrained, read_config
+from .models import find_model_dir, fold_batchnorm, load_pretrained, read_config
 from .models.unet import UNet
 
 
@@ -68,12 +68,18 @@ def generate(
     prediction: str = "eps",
     device: str | torch.device = "cpu",
     progress: bool = True,
+    fold_bn: bool = True,
 ) -> torch.Tensor:
     """Images ``[N, C, H, W]`` in [-1, 1] (on the CPU) for image indices ``range(N)`` or the
-    given global indices, in batches of ``batch_size``; a tqdm bar shows images/s and ETA."""
+    given global indices, in batches of ``batch_size``; a tqdm bar shows images/s and ETA.
+
+    With ``fold_bn`` a U-Net samples through a copy with BatchNorm folded into its convs
+    (:func:`sddpm.models.fold_batchnorm`): the same function, fewer passes over memory."""
     idx = list(range(indices)) if isinstance(indices, int) else [int(i) for i in indices]
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if fold_bn and isinstance(model, UNet):
+        model = fold_batchnorm(model.eval())
     out = []
     bar = tqdm(total=len(idx), unit="img", desc=f"{sampler}", disable=not progress)
     try:

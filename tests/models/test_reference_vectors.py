@@ -75,3 +75,18 @@ def test_identical_calls_agree_and_batches_do_not_leak(published_model, referenc
         alone = published_model(x[:1], steps[:1])
     assert torch.equal(first, second)
     torch.testing.assert_close(alone, first[:1], rtol=0, atol=1e-5)
+
+
+def test_batchnorm_folded_model_reproduces_eval_outputs(published_model, reference):
+    from sddpm.models import fold_batchnorm
+
+    t, _ = reference
+    folded = fold_batchnorm(published_model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.stem.modules())
+    with torch.inference_mode():
+        assert_output_matches(folded(t["input.x"], t["input.t"]), t["output.eval"])
+        with override_threshold(folded, 1.1):
+            out = folded(t["input.x"], t["input.t"])
+        assert_output_matches(out, t["output.eval_threshold_scaled"])
+    # the original keeps its BatchNorms
+    assert isinstance(published_model.stem.bn, torch.nn.BatchNorm2d)

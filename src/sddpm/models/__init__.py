@@ -2,6 +2,7 @@
 
 from .checkpoint import find_model_dir, load_pretrained, read_config, save_pretrained
 from .config import NeuronConfig, UNetConfig
+from .inference import fold_batchnorm
 from .presets import PRESETS, preset
 from .unet import ANNUNet, SpikingUNet, UNet, build_model, count_parameters
 
@@ -15,6 +16,7 @@ __all__ = [
     "build_model",
     "count_parameters",
     "find_model_dir",
+    "fold_batchnorm",
     "read_config",
     "load_pretrained",
     "preset",

@@ -105,7 +105,10 @@ class Stem(nn.Module):
         the same conv output and the same BatchNorm batch statistics, so conv and BatchNorm run
         once and the result is broadcast over the S steps."""
         y = self.conv(x)
-        y = _batch_norm_repeated(self.bn, y, steps) if self.bn.training else self.bn(y)
+        if self.training and isinstance(self.bn, nn.BatchNorm2d):
+            y = _batch_norm_repeated(self.bn, y, steps)
+        else:
+            y = self.bn(y)
         h = y.unsqueeze(0).expand(steps, *y.shape)
         return _conv_bn(self.conv2, self.bn2, self.neuron(h))
 
