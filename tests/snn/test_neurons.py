@@ -193,6 +193,10 @@ def test_fused_neuron_equals_step_by_step_autograd(tau, reset, detach_reset, dec
     out = neuron(x)
     (gx,) = torch.autograd.grad((out * w).sum(), x)
     assert torch.equal(out, ref)
+    with torch.no_grad():  # the in-place loop used without gradients
+        assert torch.equal(neuron(x), ref)
+        torch.testing.assert_close(neuron.last_v, v_ref, rtol=1e-12, atol=1e-12)
+    neuron(x)
     assert 0 < out.mean() < 1  # some spikes, some silence: the test means something
     torch.testing.assert_close(gx, gx_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(neuron.last_v, v_ref, rtol=1e-12, atol=1e-12)

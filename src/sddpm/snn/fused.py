@@ -2,9 +2,11 @@
 
 Autograd through the step loop keeps several float tensors per step (the surrogate's input,
 the membrane and the spike of the reset) and records a dozen graph nodes per step. Here the
-forward runs without autograd and keeps only the pre-spike membrane ``h_t`` of every step;
-spikes are recomputed from it (``h_t >= threshold``) in the backward pass, which walks the steps
-in reverse (backpropagation through time) with the same formulas autograd would apply.
+forward runs without autograd, writes spikes as bool, and keeps only the pre-spike membrane
+``h_t`` of every step; spikes are recomputed from it (``h_t >= threshold``, which is the same
+test as ``h_t - threshold >= 0`` in IEEE arithmetic) in the backward pass, which walks the steps
+in reverse (backpropagation through time) with the formulas autograd would apply. Without
+gradients the loop runs in place on the membrane: three tensor operations per step for IF.
 """
 
 from __future__ import annotations
@@ -14,12 +16,28 @@ import torch
 from .surrogate import Surrogate, heaviside
 
 
-def _charge(v, x, tau, v_rest, decay_input):
-    if tau is None:
-        return v + x
-    if decay_input:
-        return v + (x - (v - v_rest)) / tau
-    return v - (v - v_rest) / tau + x
+def _forward_loop(x_seq, threshold, tau, reset, v_reset, decay_input, keep_h):
+    """Spikes (bool), last membrane, and the pre-spike membranes if ``keep_h``."""
+    v_rest = v_reset if reset == "hard" else 0.0
+    v = torch.full_like(x_seq[0], v_rest)
+    h_seq = torch.empty_like(x_seq) if keep_h else None
+    spikes = torch.empty(x_seq.shape, dtype=torch.bool, device=x_seq.device)
+    for t in range(x_seq.shape[0]):
+        x = x_seq[t]
+        h = h_seq[t] if keep_h else v  # without h_seq, charge the membrane in place
+        if tau is None:
+            torch.add(v, x, out=h)
+        elif decay_input:  # h = v + (x - (v - v_rest)) / tau
+            torch.add(v, (x - v + v_rest) / tau, out=h)
+        else:  # h = v - (v - v_rest) / tau + x
+            torch.add(v - (v - v_rest) / tau, x, out=h)
+        s = spikes[t]
+        torch.ge(h, threshold, out=s)
+        if reset == "hard":
+            v = h.masked_fill(s, v_reset) if keep_h else h.masked_fill_(s, v_reset)
+        else:
+            v = torch.where(s, h - threshold, h)
+    return spikes, v, h_seq
 
 
 class MultiStepNeuronFunction(torch.autograd.Function):
@@ -28,20 +46,11 @@ class MultiStepNeuronFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_seq, threshold, surrogate, tau, reset, v_reset, detach_reset, decay_input):
-        v_rest = v_reset if reset == "hard" else 0.0
-        v = torch.full_like(x_seq[0], v_rest)
-        h_seq = torch.empty_like(x_seq)
-        spikes = torch.empty_like(x_seq)
-        for t in range(x_seq.shape[0]):
-            h = _charge(v, x_seq[t], tau, v_rest, decay_input)
-            s = heaviside(h - threshold)
-            v = h * (1.0 - s) + v_reset * s if reset == "hard" else h - threshold * s
-            h_seq[t] = h
-            spikes[t] = s
+        spikes, v, h_seq = _forward_loop(x_seq, threshold, tau, reset, v_reset, decay_input, True)
         ctx.save_for_backward(h_seq)
         ctx.settings = (threshold, surrogate, tau, reset, v_reset, detach_reset, decay_input)
         ctx.mark_non_differentiable(v)
-        return spikes, v
+        return spikes.to(x_seq.dtype), v
 
     @staticmethod
     def backward(ctx, grad_spikes, _grad_last_v):
@@ -84,6 +93,9 @@ def multistep_neuron(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Spikes ``[T, ...]`` of a neuron layer driven by ``x_seq [T, ...]`` (one autograd node)
     and the membrane after the last step."""
-    return MultiStepNeuronFunction.apply(
-        x_seq, threshold, surrogate, tau, reset, v_reset, detach_reset, decay_input
-    )
+    if torch.is_grad_enabled() and x_seq.requires_grad:
+        return MultiStepNeuronFunction.apply(
+            x_seq, threshold, surrogate, tau, reset, v_reset, detach_reset, decay_input
+        )
+    spikes, v, _ = _forward_loop(x_seq, threshold, tau, reset, v_reset, decay_input, False)
+    return spikes.to(x_seq.dtype), v
