@@ -1,0 +1,50 @@
+"""Noise schedules, the training objective and samplers (one algorithm per module).
+
+Every sampler calls any ``model(x_t [B,C,H,W] float32, t [B] int64) -> eps`` (or ``v``);
+:func:`sample` is the entry point.
+"""
+
+from .ddim import ddim_sample, ddim_step
+from .ddpm import ddpm_sample, ddpm_step_mean_logvar
+from .dpm_solver import dpm_solver_pp_step, dpm_solver_sample
+from .loss import (
+    PREDICTIONS,
+    draw_t_and_noise,
+    loss_map,
+    output_to_eps,
+    output_to_x0,
+    q_sample,
+    training_loss,
+    v_target,
+)
+from .sample import DEFAULT_SPACING, DEFAULT_STEPS, SAMPLERS, sample
+from .schedule import SCHEDULE_KINDS, SPACINGS, NoiseSchedule, timesteps
+from .seeding import PerImageRandn, image_seed, initial_noise
+
+__all__ = [
+    "DEFAULT_SPACING",
+    "DEFAULT_STEPS",
+    "NoiseSchedule",
+    "PREDICTIONS",
+    "PerImageRandn",
+    "SAMPLERS",
+    "SCHEDULE_KINDS",
+    "SPACINGS",
+    "ddim_sample",
+    "ddim_step",
+    "ddpm_sample",
+    "ddpm_step_mean_logvar",
+    "dpm_solver_pp_step",
+    "dpm_solver_sample",
+    "draw_t_and_noise",
+    "image_seed",
+    "initial_noise",
+    "loss_map",
+    "output_to_eps",
+    "output_to_x0",
+    "q_sample",
+    "sample",
+    "timesteps",
+    "training_loss",
+    "v_target",
+]

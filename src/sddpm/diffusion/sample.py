@@ -1,0 +1,153 @@
+"""The one sampling entry point: validation, per-image seeds, threshold guidance."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .ddim import ddim_sample
+from .ddpm import ddpm_sample
+from .dpm_solver import dpm_solver_sample
+from .loss import Model, check_prediction
+from .schedule import SPACINGS, NoiseSchedule
+from .seeding import SAMPLER_NOISE_STREAM, PerImageRandn, _as_indices, initial_noise
+
+SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
+# The number of model calls when steps=None (DDPM: every step of the schedule).
+DEFAULT_STEPS = {"ddim": 100, "dpm-solver++": 20}
+DEFAULT_SPACING = {"ddpm": "linear", "ddim": "uniform", "dpm-solver++": "logsnr"}
+
+__all__ = ["DEFAULT_SPACING", "DEFAULT_STEPS", "SAMPLERS", "initial_noise", "sample"]
+
+
+def sample(
+    model: Model,
+    x_T: torch.Tensor,
+    sampler: str = "ddpm",
+    steps: int | None = None,
+    eta: float = 0.0,
+    threshold: float | None = None,
+    seed: int = 0,
+    schedule: NoiseSchedule | None = None,
+    progress: bool = False,
+    indices: Sequence[int] | torch.Tensor | None = None,
+    prediction: str = "eps",
+    clip_x0: bool = True,
+    spacing: str | None = None,
+) -> torch.Tensor:
+    """Generate images from the initial noise ``x_T``.
+
+    Args:
+        model: ``model(x_t [B,C,H,W] float32, t [B] int64) -> eps`` (or ``v``); put it in eval
+            mode first. If it has ``validate_input(x)``, that is called on ``x_T`` first.
+        x_T: ``[B, C, H, W]`` initial noise, N(0, I); :func:`initial_noise` draws it with the
+            same per-image seeds.
+        sampler: ``"ddpm"`` (ancestral, published), ``"ddim"`` or ``"dpm-solver++"`` (2M).
+        steps: model calls. ``None``: the sampler's natural default, every step of the
+            schedule (1000) for DDPM, 100 for DDIM, 20 for DPM-Solver++ (capped at ``T``).
+            Must be in ``[1, T]``; DDPM with fewer than ``T`` steps is respaced.
+        eta: DDIM only: 0 deterministic, 1 the DDPM posterior variance.
+        threshold: the paper's threshold guidance: every spiking neuron's threshold is
+            ``threshold`` while sampling, restored afterwards (also on error). ``None``: as is.
+        seed, indices: the noise a stochastic sampler adds to image ``b`` comes from its own
+            generator seeded by ``(seed, indices[b])`` (``indices`` default ``range(B)``), so an
+            image does not depend on the batch size or on how the work is split.
+        schedule: the noise schedule; default :meth:`NoiseSchedule.linear` (1e-4..0.02, 1000).
+        progress: show a tqdm bar over the steps.
+        prediction: what the model outputs, ``"eps"`` or ``"v"``.
+        clip_x0: clip every x0 estimate (and so the result) to [-1, 1] (published behaviour).
+        spacing: the step grid (see :func:`sddpm.diffusion.timesteps`); default per sampler:
+            ``"linear"`` for respaced DDPM, ``"uniform"`` (published) for DDIM, ``"logsnr"``
+            for DPM-Solver++.
+
+    Returns:
+        ``x_0`` ``[B, C, H, W]`` float32, in [-1, 1] when ``clip_x0``.
+
+    Raises:
+        ValueError: before any model call, for an unknown sampler, prediction or spacing,
+            ``steps`` outside ``[1, T]``, ``threshold <= 0``, ``eta`` < 0 or given to a sampler
+            other than DDIM, an ``x_T`` that is not a 4-D floating tensor or that the model
+            rejects, or ``indices`` that do not match the batch.
+    """
+    # ---- validate everything before any work
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    check_prediction(prediction)
+    schedule = NoiseSchedule.linear() if schedule is None else schedule
+    if not isinstance(schedule, NoiseSchedule):
+        raise ValueError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+    T = schedule.T
+    if steps is None:
+        n = T if sampler == "ddpm" else min(DEFAULT_STEPS[sampler], T)
+    elif isinstance(steps, bool) or int(steps) != steps or not 1 <= steps <= T:
+        raise ValueError(
+            f"steps must be an integer in [1, {T}] (the schedule length), got {steps!r}"
+        )
+    else:
+        n = int(steps)
+    spacing = DEFAULT_SPACING[sampler] if spacing is None else spacing
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; choose one of {SPACINGS}")
+    if not (isinstance(eta, numbers.Real) and math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    if eta != 0 and sampler != "ddim":
+        raise ValueError(f"eta applies to the ddim sampler only, got eta={eta} with {sampler!r}")
+    if threshold is not None:
+        if not (isinstance(threshold, numbers.Real) and math.isfinite(threshold)):
+            raise ValueError(f"threshold must be a finite number > 0, got {threshold!r}")
+        if threshold <= 0:
+            raise ValueError(f"threshold must be > 0, got {threshold}")
+        if not isinstance(model, nn.Module):
+            raise ValueError("threshold guidance needs a torch.nn.Module with spiking neurons")
+    if not isinstance(x_T, torch.Tensor) or x_T.dim() != 4:
+        shape = tuple(x_T.shape) if isinstance(x_T, torch.Tensor) else type(x_T).__name__
+        raise ValueError(f"x_T must be a 4-D tensor [B, C, H, W], got {shape}")
+    if not x_T.is_floating_point():
+        raise ValueError(f"x_T must be a floating-point tensor, got {x_T.dtype}")
+    if isinstance(seed, bool) or int(seed) != seed or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    batch = x_T.shape[0]
+    idx = list(range(batch)) if indices is None else _as_indices(indices)
+    if len(idx) != batch:
+        raise ValueError(f"{len(idx)} indices given for a batch of {batch} images")
+    validate = getattr(model, "validate_input", None)
+    if callable(validate):
+        validate(x_T)
+
+    guidance = (
+        _override_threshold(model, threshold) if threshold is not None else contextlib.nullcontext()
+    )
+    x = x_T.to(torch.float32)
+    with torch.inference_mode(), guidance:
+        if sampler == "ddpm":
+            noise = PerImageRandn(idx, int(seed), SAMPLER_NOISE_STREAM, x.device)
+            out = ddpm_sample(
+                model, x, schedule, steps=n, spacing=spacing, prediction=prediction,
+                clip_x0=clip_x0, randn_like=noise.randn_like, progress=progress,
+            )  # fmt: skip
+        elif sampler == "ddim":
+            noise = PerImageRandn(idx if eta > 0 else [], int(seed), SAMPLER_NOISE_STREAM, x.device)
+            out = ddim_sample(
+                model, x, schedule, steps=n, eta=float(eta), spacing=spacing,
+                prediction=prediction, clip_x0=clip_x0, randn_like=noise.randn_like,
+                progress=progress,
+            )  # fmt: skip
+        else:
+            out = dpm_solver_sample(
+                model, x, schedule, steps=n, spacing=spacing, prediction=prediction,
+                clip_x0=clip_x0, progress=progress,
+            )  # fmt: skip
+    # An inference tensor cannot enter autograd later; a clone made outside the mode can.
+    return out.clone()
+
+
+def _override_threshold(model: nn.Module, value: float):
+    # Imported here: diffusion works with any model; only threshold guidance needs the SNN.
+    from sddpm.snn import override_threshold
+
+    return override_threshold(model, value)
