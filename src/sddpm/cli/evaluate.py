@@ -1,0 +1,283 @@
+"""``sddpm fid-stats | evaluate | sweep-threshold``: reference statistics, FID / IS / KID, sweeps.
+
+All three run alone or under ``torchrun --nproc_per_node=N`` (each rank takes its share of the
+images; rank 0 writes and prints).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ._app import app, fail, print_table
+from .sample import resolve_source
+
+_ERRORS = (ValueError, FileNotFoundError)
+
+FEATURES_HELP = (
+    "inception (the FID Inception; published-scale numbers) or digits (the small digits "
+    "classifier: proxy numbers, offline, seconds, NOT comparable to published FIDs)."
+)
+
+
+def _check_features(features: str) -> None:
+    from ..evaluation.evaluate import FEATURE_NETWORKS
+
+    if features not in FEATURE_NETWORKS:
+        fail(f"--features must be one of {', '.join(FEATURE_NETWORKS)}, got {features!r}")
+
+
+def _check_device(device: str) -> None:
+    from ..evaluation.evaluate import check_device
+
+    try:
+        check_device(device)
+    except ValueError as err:
+        fail(str(err))
+
+
+def _proxy_warning() -> None:
+    from ..evaluation.evaluate import PROXY_NOTE
+
+    typer.echo(f"note: {PROXY_NOTE}")
+
+
+@app.command("fid-stats")
+def fid_stats_command(
+    dataset: str = typer.Option(..., "--dataset", help="digits, mnist, cifar10, ..."),
+    out: Path = typer.Option(..., "--out", help="Output .npz with mu [D] and sigma [D, D]."),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="The dataset's folder."),
+    num: int | None = typer.Option(None, "--num", help="First N images (default: all)."),
+    batch_size: int = typer.Option(256, "--batch-size"),
+    features: str = typer.Option("inception", "--features", help=FEATURES_HELP),
+    inception_weights: Path | None = typer.Option(
+        None, "--inception-weights", help="pt_inception-2015-12-05-6726825d.pth"
+    ),
+    keep_features: bool = typer.Option(
+        False, "--keep-features", help="Also store the features [N, D] (float32) for KID."
+    ),
+    split: str = typer.Option("train", "--split", help="train or test."),
+    download: bool = typer.Option(False, "--download", help="Fetch the dataset if missing."),
+    workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+) -> None:
+    """Reference statistics of a dataset's images (no flips) in the published .npz format."""
+    from ..evaluation.evaluate import (
+        FeatureNetwork,
+        compute_fid_stats_for_dataset,
+        distributed_from_env,
+        write_stats_file,
+    )
+
+    _check_features(features)
+    if split not in ("train", "test"):
+        fail(f"--split must be train or test, got {split!r}")
+    if num is not None and num < 2:
+        fail(f"FID statistics need at least 2 images, got --num {num}")
+    _check_device(device)
+    with distributed_from_env(device) as (rank, _world, dev):
+        try:
+            net = FeatureNetwork.load(features, inception_weights=inception_weights, device=dev)
+            scores = compute_fid_stats_for_dataset(
+                dataset,
+                net,
+                data_dir=data_dir,
+                num=num,
+                batch_size=batch_size,
+                train=split == "train",
+                download=download,
+                keep_features=keep_features,
+                num_workers=workers,
+                progress=rank == 0,
+            )
+        except _ERRORS as err:
+            fail(str(err))
+            return
+        if rank != 0:
+            return
+        write_stats_file(out, scores)
+        d = net.dim
+        extra = f", features [{scores.count}, {d}]" if keep_features else ""
+        typer.echo(
+            f"wrote {out}: mu [{d}], sigma [{d}, {d}]{extra} of {scores.count} {dataset} "
+            f"images ({features} features)"
+        )
+        if net.proxy:
+            _proxy_warning()
+
+
+@app.command("evaluate")
+def evaluate_command(
+    stats: Path = typer.Option(..., "--stats", help="Reference .npz (sddpm fid-stats)."),
+    out: Path = typer.Option(..., "--out", help="Output metrics .json."),
+    run: Path | None = typer.Option(None, "--run", help="Run directory (latest checkpoint)."),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="A model directory."),
+    num: int = typer.Option(50000, "--num", help="Number of images to generate."),
+    sampler: str = typer.Option("ddim", "--sampler", help="ddpm, ddim or dpm-solver++."),
+    steps: int | None = typer.Option(None, "--steps", help="Model calls (default per sampler)."),
+    eta: float = typer.Option(0.0, "--eta", help="DDIM noise."),
+    threshold: float | None = typer.Option(
+        None, "--threshold", help="Threshold guidance: every neuron's threshold while sampling."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Image i depends on (seed, i) only."),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    weights: str | None = typer.Option(None, "--weights", help="model or ema (default: saved)."),
+    features: str = typer.Option("inception", "--features", help=FEATURES_HELP),
+    inception_weights: Path | None = typer.Option(None, "--inception-weights"),
+    kid_reference: Path | None = typer.Option(
+        None,
+        "--kid-reference",
+        help="An .npz with 'features' [M, D] for KID (default: the --stats file's, if any).",
+    ),
+    kid_dataset: str | None = typer.Option(
+        None, "--kid-dataset", help="Compute KID reference features from this dataset now."
+    ),
+    kid_data_dir: Path | None = typer.Option(None, "--kid-data-dir"),
+    kid_num: int | None = typer.Option(None, "--kid-num", help="Images of --kid-dataset."),
+    is_splits: int = typer.Option(10, "--is-splits", help="Inception Score splits."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+) -> None:
+    """Generate N images and write FID, IS and KID with the settings to a JSON file."""
+    from ..evaluation.evaluate import (
+        FeatureNetwork,
+        check_stats_file,
+        check_threshold,
+        distributed_from_env,
+        evaluate_model,
+    )
+    from ..generation import load_for_sampling
+    from ..io import write_json
+    from ..models import find_model_dir
+
+    source = resolve_source(run, checkpoint)
+    _check_features(features)
+    if num < 2:
+        fail(f"FID needs at least 2 images (a covariance), got --num {num}")
+    _check_device(device)
+    with distributed_from_env(device) as (rank, _world, dev):
+        try:
+            check_threshold(threshold)
+            check_stats_file(stats, features)
+            model_dir = find_model_dir(source)
+            setup = load_for_sampling(model_dir, weights=weights, device=dev)
+            net = FeatureNetwork.load(features, inception_weights=inception_weights, device=dev)
+            result = evaluate_model(
+                setup,
+                net,
+                stats,
+                num,
+                sampler=sampler,
+                steps=steps,
+                eta=eta,
+                threshold=threshold,
+                seed=seed,
+                batch_size=batch_size,
+                device=dev,
+                is_splits=is_splits,
+                kid_reference=kid_reference,
+                kid_dataset=kid_dataset,
+                kid_data_dir=kid_data_dir,
+                kid_num=kid_num,
+                checkpoint=model_dir.resolve(),
+                progress=rank == 0,
+            )
+        except _ERRORS as err:
+            fail(str(err))
+            return
+        if rank != 0:
+            return
+        data = result.to_dict()
+        data["weights"] = weights
+        write_json(out, data)
+        print_table(["metric", "value"], result.table_rows())
+        typer.echo(f"wrote {out}")
+        if result.proxy:
+            _proxy_warning()
+
+
+@app.command("sweep-threshold")
+def sweep_threshold_command(
+    values: str = typer.Option(
+        ..., "--values", help="start:stop:step (stop included) or a comma list, e.g. 0.99,1,1.01"
+    ),
+    stats: Path = typer.Option(..., "--stats", help="Reference .npz (sddpm fid-stats)."),
+    out: Path = typer.Option(..., "--out", help="Output folder: sweep.json, .csv and .png."),
+    run: Path | None = typer.Option(None, "--run", help="Run directory (latest checkpoint)."),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="A model directory."),
+    metric: str = typer.Option(
+        "fid", "--metric", help="fid (FID Inception) or proxy-fid (digits network)."
+    ),
+    num: int = typer.Option(10000, "--num", help="Images per threshold value."),
+    sampler: str = typer.Option("ddim", "--sampler", help="ddpm, ddim or dpm-solver++."),
+    steps: int | None = typer.Option(None, "--steps", help="Model calls (default per sampler)."),
+    eta: float = typer.Option(0.0, "--eta", help="DDIM noise."),
+    seed: int = typer.Option(0, "--seed", help="The same seeds for every value."),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    weights: str | None = typer.Option(None, "--weights", help="model or ema (default: saved)."),
+    inception_weights: Path | None = typer.Option(None, "--inception-weights"),
+    is_splits: int = typer.Option(10, "--is-splits", help="Inception Score splits."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+) -> None:
+    """Evaluate several threshold-guidance values with the same seeds; mark the best."""
+    from ..evaluation.evaluate import (
+        SWEEP_METRICS,
+        FeatureNetwork,
+        check_stats_file,
+        distributed_from_env,
+        parse_threshold_values,
+        sweep_threshold,
+    )
+    from ..generation import load_for_sampling
+    from ..models import find_model_dir
+
+    source = resolve_source(run, checkpoint)
+    if metric not in SWEEP_METRICS:
+        fail(f"--metric must be one of {', '.join(SWEEP_METRICS)}, got {metric!r}")
+    if num < 2:
+        fail(f"FID needs at least 2 images (a covariance), got --num {num}")
+    try:
+        thresholds = parse_threshold_values(values)
+    except ValueError as err:
+        fail(str(err))
+        return
+    features = "digits" if metric == "proxy-fid" else "inception"
+    _check_device(device)
+    with distributed_from_env(device) as (rank, _world, dev):
+        try:
+            check_stats_file(stats, features)
+            model_dir = find_model_dir(source)
+            setup = load_for_sampling(model_dir, weights=weights, device=dev)
+            net = FeatureNetwork.load(features, inception_weights=inception_weights, device=dev)
+            result = sweep_threshold(
+                setup,
+                net,
+                stats,
+                thresholds,
+                num,
+                metric=metric,
+                sampler=sampler,
+                steps=steps,
+                eta=eta,
+                seed=seed,
+                batch_size=batch_size,
+                device=dev,
+                is_splits=is_splits,
+                checkpoint=model_dir.resolve(),
+                progress=rank == 0,
+            )
+        except _ERRORS as err:
+            fail(str(err))
+            return
+        if rank != 0:
+            return
+        result.settings["weights"] = weights
+        paths = result.write(out)
+        print_table(*result.table())
+        best = result.best
+        typer.echo(
+            f"best threshold {result.thresholds[best]:g}: {metric} {result.values[best]:.4f}"
+        )
+        typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+        if result.proxy:
+            _proxy_warning()

@@ -1,0 +1,424 @@
+"""Generation + scoring: fid-stats, evaluate, sweep-threshold (library and CLI), DDP split.
+
+Everything runs offline in seconds: a tiny saved U-Net, the digits proxy network (trained once
+into a temporary cache), and, for the Inception code path, a small network shaped like the FID
+Inception injected through the library API (the real one needs its weights and minutes of CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from typer.testing import CliRunner
+
+from sddpm.cli import app
+from sddpm.data import build_dataset
+from sddpm.evaluation import (
+    FeatureNetwork,
+    FIDInceptionV3,
+    InceptionOutput,
+    SampleScores,
+    digits_report_from_probs,
+    digits_sample_report,
+    evaluate_model,
+    frechet_distance,
+    generate_and_score,
+    inception_score,
+    kernel_inception_distance,
+    load_digits_feature_net,
+    parse_threshold_values,
+    score_dataset,
+    shard_indices,
+    sweep_threshold,
+    write_stats_file,
+)
+from sddpm.generation import generate, load_for_sampling
+from sddpm.models import UNetConfig, build_model, save_pretrained
+
+T = 50
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache_env(tmp_path_factory):
+    """The digits network is trained once into a temporary cache (also for subprocesses).
+
+    One thread: these models are tiny, and on busy shared cores a second thread only adds
+    contention (measured 5x slower per U-Net call)."""
+    cache = tmp_path_factory.mktemp("sddpm-cache")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SDDPM_CACHE_DIR", str(cache))
+        yield cache
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits_net(cache_env):
+    return load_digits_feature_net(cache_env)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    cfg = UNetConfig(
+        image_channels=1,
+        image_size=8,
+        channels=8,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        diffusion_steps=T,
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.train()(torch.randn(8, 1, 8, 8), torch.randint(0, T, (8,)))  # BN running stats
+    path = tmp_path_factory.mktemp("run") / "model"
+    extra = {
+        "diffusion": {
+            "schedule": {"kind": "linear", "T": T, "beta_1": 1e-4, "beta_T": 0.02},
+            "prediction": "eps",
+        }
+    }
+    save_pretrained(model.eval(), path, extra=extra)
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(model_dir):
+    return load_for_sampling(model_dir)
+
+
+@pytest.fixture(scope="module")
+def digits_stats(tmp_path_factory, digits_net):
+    """``sddpm fid-stats --dataset digits --features digits --keep-features``."""
+    out = tmp_path_factory.mktemp("stats") / "digits.npz"
+    args = ["fid-stats", "--dataset", "digits", "--features", "digits", "--keep-features"]
+    result = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "NOT comparable to published" in result.output
+    return out
+
+
+def all_digits01() -> torch.Tensor:
+    ds = build_dataset("digits", hflip=False)
+    return (torch.stack([ds[i] for i in range(len(ds))]) + 1) / 2
+
+
+def np_stats(features) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(features, dtype=np.float64)
+    return x.mean(axis=0), np.cov(x, rowvar=False)
+
+
+def run_cli(args: list[str]):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+# ------------------------------------------------------------------ fid-stats
+
+
+def test_fid_stats_digits_equals_numpy(digits_stats, digits_net, tmp_path):
+    feats = digits_net.features(all_digits01()).double().numpy()
+    mu, sigma = np_stats(feats)
+    with np.load(digits_stats) as f:
+        assert sorted(f.files) == ["features", "mu", "sigma"]
+        assert f["mu"].shape == (128,) and f["sigma"].shape == (128, 128)
+        np.testing.assert_allclose(f["mu"], mu, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(f["sigma"], sigma, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(f["features"], feats, rtol=1e-5, atol=1e-6)
+        assert f["features"].shape == (1797, 128)
+
+    # --num takes the first N images; without --keep-features only mu and sigma are written
+    out = tmp_path / "s500.npz"
+    args = ["fid-stats", "--dataset", "digits", "--features", "digits", "--num", 500]
+    result = run_cli([*args, "--batch-size", 64, "--out", out])
+    assert result.exit_code == 0, result.output
+    mu500, sigma500 = np_stats(feats[:500])
+    with np.load(out) as f:
+        assert sorted(f.files) == ["mu", "sigma"]
+        np.testing.assert_allclose(f["mu"], mu500, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(f["sigma"], sigma500, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ evaluate (digits, CLI)
+
+
+def test_evaluate_cli_digits_matches_hand_computation(
+    model_dir, setup, digits_stats, digits_net, tmp_path
+):
+    out = tmp_path / "metrics.json"
+    args = ["evaluate", "--run", model_dir, "--num", 12, "--sampler", "ddim", "--steps", 3]
+    args += ["--threshold", 1.002, "--seed", 3, "--batch-size", 5, "--stats", digits_stats]
+    result = run_cli([*args, "--features", "digits", "--out", out])
+    assert result.exit_code == 0, result.output
+    assert "proxy FID" in result.output and "NOT comparable to published" in result.output
+    m = json.loads(out.read_text())
+
+    images = generate(
+        setup.model,
+        12,
+        (1, 8, 8),
+        sampler="ddim",
+        steps=3,
+        threshold=1.002,
+        seed=3,
+        batch_size=5,
+        schedule=setup.schedule,
+        progress=False,
+    )
+    x01 = ((images + 1) / 2).clamp(0, 1)
+    feats = digits_net.features(x01).double().numpy()
+    with np.load(digits_stats) as f:
+        ref_mu, ref_sigma, ref_feats = f["mu"], f["sigma"], f["features"]
+    fid = frechet_distance(*np_stats(feats), ref_mu, ref_sigma)
+    is_mean, is_std = inception_score(digits_net.probs(x01), splits=10)
+    kid_mean, kid_std = kernel_inception_distance(feats, ref_feats)
+    report = digits_sample_report(x01, digits_net)
+
+    assert "fid" not in m and "inception_score" not in m  # proxy numbers have proxy names
+    assert m["proxy_fid"] == pytest.approx(fid, rel=1e-6)
+    assert m["proxy_fid"] > 10  # an untrained model: far from the digits
+    assert m["proxy_inception_score"]["mean"] == pytest.approx(is_mean, rel=1e-5)
+    assert m["proxy_inception_score"]["std"] == pytest.approx(is_std, rel=1e-4, abs=1e-6)
+    assert m["proxy_inception_score"]["splits"] == 10
+    assert m["proxy_kid"]["mean"] == pytest.approx(kid_mean, rel=1e-5)
+    assert m["proxy_kid"]["std"] == pytest.approx(kid_std, rel=1e-4)
+    assert m["proxy_kid"]["num_reference"] == 1797 and m["proxy_kid"]["subset_size"] == 12
+    assert m["comparable_to_published"] is False and "NOT comparable" in m["note"]
+    assert m["feature_network"] == "digits" and m["feature_dim"] == 128
+    for k in ("confident_fraction", "class_coverage", "class_counts"):
+        assert m["digits_report"][k] == pytest.approx(report[k])
+    assert m["digits_report"]["classes_present"] == sum(c > 0 for c in report["class_counts"])
+    assert m["num_images"] == 12 and m["world_size"] == 1
+    assert (m["sampler"], m["steps"], m["threshold"], m["seed"]) == ("ddim", 3, 1.002, 3)
+    assert m["checkpoint"] == str(model_dir.resolve())
+    assert m["stats"] == str(digits_stats)
+
+
+def test_digits_report_from_probs_equals_sample_report(digits_net):
+    x = all_digits01()[:300]
+    mine = digits_report_from_probs(digits_net.probs(x), digits_net.test_accuracy)
+    ref = digits_sample_report(x, digits_net)
+    for k, v in ref.items():
+        assert mine[k] == pytest.approx(v), k
+    assert mine["classes_present"] == 10
+
+
+# ------------------------------------------------------------------ Inception path (injected)
+
+
+class TinyInception(nn.Module):
+    """Shaped like FIDInceptionV3 (``fc``, ``InceptionOutput``), 8-d features, 5 classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+        self.requires_grad_(False)
+
+    def forward(self, images: torch.Tensor) -> InceptionOutput:
+        x = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+        pool = torch.tanh(self.conv(2 * x - 1)).mean(dim=(2, 3))
+        return InceptionOutput(pool=pool, prob=torch.softmax(F.linear(pool, self.fc.weight), 1))
+
+
+def test_feature_network_wraps_the_fid_inception():
+    net = FeatureNetwork.inception(FIDInceptionV3())
+    assert (net.name, net.dim, net.num_classes, net.proxy) == ("inception", 2048, 1008, False)
+
+
+def test_evaluate_with_injected_inception_network(setup, tmp_path):
+    net = FeatureNetwork.inception(TinyInception())
+    ref = score_dataset(build_dataset("digits"), net, num=60, keep_features=True, progress=False)
+    stats = write_stats_file(tmp_path / "ref.npz", ref)
+    kw = dict(sampler="ddpm", steps=4, seed=1, batch_size=3, progress=False)
+    result = evaluate_model(setup, net, stats, 8, is_splits=2, checkpoint="ckpt", **kw)
+
+    images = generate(setup.model, 8, (1, 8, 8), schedule=setup.schedule, **kw)
+    out = net.module(((images + 1) / 2).clamp(0, 1))
+    feats = out.pool.double().numpy()
+    x_ref = all_digits01()[:60]
+    ref_feats = net.module(x_ref).pool.double().numpy()
+    fid = frechet_distance(*np_stats(feats), *np_stats(ref_feats))
+    d = result.to_dict()
+    assert d["fid"] == pytest.approx(fid, rel=1e-6) and d["fid"] > 0
+    mean, std = inception_score(out.prob, splits=2)
+    assert d["inception_score"] == {
+        "mean": pytest.approx(mean, rel=1e-6),
+        "std": pytest.approx(std, rel=1e-5, abs=1e-7),
+        "splits": 2,
+    }
+    kid = kernel_inception_distance(feats, ref_feats)
+    assert d["kid"]["mean"] == pytest.approx(kid[0], rel=1e-5)
+    assert d["kid"]["subset_size"] == 8 and d["kid"]["num_reference"] == 60
+    assert d["comparable_to_published"] is True and "note" not in d and "digits_report" not in d
+    assert (d["feature_network"], d["feature_dim"], d["checkpoint"]) == ("inception", 8, "ckpt")
+
+    # stats without features: KID is null with a reason; IS needs >= splits images
+    plain = write_stats_file(
+        tmp_path / "plain.npz", SampleScores(ref.stats, ref.indices, ref.probs)
+    )
+    r2 = evaluate_model(setup, net, plain, 8, **kw).to_dict()
+    assert r2["kid"] is None and "--keep-features" in r2["kid_note"]
+    assert r2["inception_score"] is None and "10 images" in r2["inception_score_note"]
+    assert r2["fid"] == pytest.approx(d["fid"], rel=1e-12)
+
+
+# ------------------------------------------------------------------ DDP split
+
+
+def test_two_simulated_ranks_merge_to_the_single_process_result(setup, digits_net):
+    net = FeatureNetwork.digits(digits_net)
+    # batch_size=1: every image is generated and scored alone, so shards see the same numbers
+    kw = dict(sampler="ddpm", steps=3, seed=5, batch_size=1, keep_features=True, progress=False)
+    assert shard_indices(7, 0, 2) == [0, 2, 4, 6] and shard_indices(7, 1, 2) == [1, 3, 5]
+    whole = generate_and_score(setup, 7, net, **kw)
+    r0 = generate_and_score(setup, 7, net, rank=0, world_size=2, **kw)
+    r1 = generate_and_score(setup, 7, net, rank=1, world_size=2, **kw)
+    assert (r0.count, r1.count) == (4, 3)
+    merged = r1.merge(r0)
+    assert merged.count == 7 and merged.indices.tolist() == list(range(7))
+    np.testing.assert_allclose(merged.stats.mu, whole.stats.mu, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(merged.stats.sigma, whole.stats.sigma, rtol=1e-10, atol=1e-12)
+    assert torch.equal(merged.probs, whole.probs)
+    assert torch.equal(merged.features, whole.features)
+    assert inception_score(merged.probs, 7) == inception_score(whole.probs, 7)
+
+
+def test_torchrun_two_processes_equal_one(model_dir, digits_stats, tmp_path):
+    """The real thing: ``torchrun --nproc_per_node 2 sddpm evaluate`` (Gloo) vs one process."""
+    args = ["evaluate", "--run", model_dir, "--num", 9, "--sampler", "ddpm", "--steps", 2]
+    args += ["--batch-size", 1, "--seed", 2, "--stats", digits_stats, "--features", "digits"]
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    result = run_cli([*args, "--out", one])
+    assert result.exit_code == 0, result.output
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    # `torchrun ... -- SCRIPT ARGS`: without the `--`, torchrun's parser takes --run and --num for
+    # abbreviations of its own --run-path and --numa-binding.
+    script = tmp_path / "sddpm_main.py"
+    script.write_text("from sddpm.cli import main\nmain()\n")
+    proc = subprocess.run(
+        [*cmd, "--", str(script), *map(str, args), "--out", str(two)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert (a["world_size"], b["world_size"]) == (1, 2)
+    assert b["num_images"] == 9
+    assert b["proxy_fid"] == pytest.approx(a["proxy_fid"], rel=1e-9)
+    assert b["proxy_kid"]["mean"] == pytest.approx(a["proxy_kid"]["mean"], rel=1e-9)
+    assert b["digits_report"] == a["digits_report"]
+    assert proc.stdout.count("wrote") == 1  # only rank 0 writes and prints
+
+
+# ------------------------------------------------------------------ threshold sweep
+
+
+def test_parse_threshold_values():
+    values = parse_threshold_values("0.995:1.005:0.001")
+    assert values == [round(0.995 + 0.001 * i, 3) for i in range(11)]
+    assert values[-1] == 1.005 and values[2] == 0.997
+    assert parse_threshold_values("0.99:1.01:0.01") == [0.99, 1.0, 1.01]
+    assert parse_threshold_values("1:1.25:0.1") == [1.0, 1.1, 1.2]  # stop not on the grid
+    assert parse_threshold_values(" 0.99, 1 ,1.01") == [0.99, 1.0, 1.01]
+    assert parse_threshold_values("1.0") == [1.0]
+    for bad in ("", "a", "0.9:1", "1:0.9:0.01", "0.9:1:0", "0.9:1:-0.1", "1,,2", "nan",
+                "-1,1", "0:1:0.5", "1,1", "0.9:1:x", "0:1:0.000001"):  # fmt: skip
+        with pytest.raises(ValueError, match="--values"):
+            parse_threshold_values(bad)
+
+
+def test_sweep_threshold_cli(model_dir, digits_stats, tmp_path):
+    out = tmp_path / "sweep"
+    args = ["sweep-threshold", "--run", model_dir, "--values", "0.99:1.01:0.01"]
+    args += ["--metric", "proxy-fid", "--num", 10, "--sampler", "ddim", "--steps", 3]
+    result = run_cli([*args, "--stats", digits_stats, "--out", out])
+    assert result.exit_code == 0, result.output
+    assert "NOT comparable to published" in result.output
+    table = json.loads((out / "sweep.json").read_text())
+    rows = table["rows"]
+    assert [r["threshold"] for r in rows] == [0.99, 1.0, 1.01]
+    values = [r["proxy_fid"] for r in rows]
+    best = int(np.argmin(values))
+    assert [r["best"] for r in rows] == [i == best for i in range(3)]
+    assert table["best"] == {"threshold": rows[best]["threshold"], "value": values[best]}
+    assert table["metric"] == "proxy-fid" and table["comparable_to_published"] is False
+    assert (table["num_images"], table["seed"], table["steps"]) == (10, 0, 3)
+    lines = (out / "sweep.csv").read_text().splitlines()
+    assert lines[0].startswith("threshold,proxy_fid,is_mean,is_std") and len(lines) == 4
+    assert float(lines[1 + best].split(",")[1]) == pytest.approx(values[best])
+    assert Image.open(out / "sweep.png").size[0] > 300
+    assert f"best threshold {rows[best]['threshold']:g}" in result.output
+
+
+def test_sweep_uses_the_same_seeds_for_every_value(setup, digits_net, digits_stats):
+    net = FeatureNetwork.digits(digits_net)
+    kw = dict(sampler="ddim", steps=2, seed=4, batch_size=8, progress=False)
+    sweep = sweep_threshold(
+        setup, net, digits_stats, [1.0, 1.0 + 1e-9], 8, metric="proxy-fid", **kw
+    )
+    # a threshold change too small to flip a spike gives the same images, so the same numbers
+    assert sweep.values[0] == pytest.approx(sweep.values[1], rel=1e-12)
+    with pytest.raises(ValueError, match="inception feature network"):
+        sweep_threshold(setup, net, digits_stats, [1.0], 8, metric="fid", **kw)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_bad_inputs_fail_clearly_and_write_nothing(model_dir, digits_stats, tmp_path):
+    out = tmp_path / "m.json"
+    base = ["evaluate", "--num", 4, "--steps", 2, "--stats", digits_stats, "--out", out]
+    digits = ["--features", "digits"]
+    empty_run = tmp_path / "empty-run"
+    empty_run.mkdir()
+    cases = [
+        # digits statistics, Inception features: refused before any network is loaded
+        ([*base, "--run", model_dir, "--features", "inception"], "feature dimension mismatch"),
+        ([*base, "--run", model_dir, *digits, "--num", 1], "at least 2 images"),
+        ([*base, "--run", empty_run, *digits], "holds no checkpoint"),
+        ([*base, "--run", model_dir, *digits, "--threshold", 0], "threshold must be"),
+        ([*base, "--run", model_dir, *digits, "--threshold", -0.5], "threshold must be"),
+        ([*base, "--run", model_dir, *digits, "--steps", T + 1], "--steps must be in"),
+        ([*base, "--run", model_dir, "--features", "vgg"], "--features must be one of"),
+        ([*base, "--run", model_dir, *digits, "--stats", tmp_path / "no.npz"], "not found"),
+        ([*base, "--run", model_dir, *digits, "--device", "bogus"], "not a device name"),
+    ]
+    for args, message in cases:
+        result = run_cli(args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output, (message, result.output)
+        assert not out.exists()
+
+    sweep_out = tmp_path / "sweep"
+    sweep = ["sweep-threshold", "--run", model_dir, "--num", 4, "--steps", 2, "--out", sweep_out]
+    for extra, message in [
+        (["--values", "0.99:1.01", "--metric", "proxy-fid"], "--values must be"),
+        (["--values", "0,1", "--metric", "proxy-fid"], "must be > 0"),
+        (["--values", "1", "--metric", "fid"], "feature dimension mismatch"),
+        (["--values", "1", "--metric", "psnr"], "--metric must be one of"),
+    ]:
+        result = run_cli([*sweep, *extra, "--stats", digits_stats])
+        assert result.exit_code == 2, result.output
+        assert message in result.output, (message, result.output)
+        assert not sweep_out.exists()
+
+    result = run_cli(["fid-stats", "--dataset", "digits", "--features", "digits", "--num", 1,
+                      "--out", tmp_path / "s.npz"])  # fmt: skip
+    assert result.exit_code == 2 and "at least 2 images" in result.output
+    assert not (tmp_path / "s.npz").exists()
