@@ -37,46 +37,22 @@ def rectangular_grad(u: torch.Tensor, width: float) -> torch.Tensor:
     return (u.abs() < width / 2).to(u.dtype) / width
 
 
-class _ATan(torch.autograd.Function):
+class _SurrogateSpike(torch.autograd.Function):
+    """Heaviside forward; backward multiplies by ``grad_fn(u, width)``."""
+
     @staticmethod
-    def forward(ctx, u: torch.Tensor, alpha: float) -> torch.Tensor:
+    def forward(ctx, u: torch.Tensor, grad_fn, width: float) -> torch.Tensor:
         ctx.save_for_backward(u)
-        ctx.alpha = alpha
+        ctx.grad_fn, ctx.width = grad_fn, width
         return heaviside(u)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (u,) = ctx.saved_tensors
-        return grad_out * atan_grad(u, ctx.alpha), None
+        return grad_out * ctx.grad_fn(u, ctx.width), None, None
 
 
-class _Sigmoid(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u: torch.Tensor, alpha: float) -> torch.Tensor:
-        ctx.save_for_backward(u)
-        ctx.alpha = alpha
-        return heaviside(u)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        (u,) = ctx.saved_tensors
-        return grad_out * sigmoid_grad(u, ctx.alpha), None
-
-
-class _Rectangular(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u: torch.Tensor, width: float) -> torch.Tensor:
-        ctx.save_for_backward(u)
-        ctx.width = width
-        return heaviside(u)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        (u,) = ctx.saved_tensors
-        return grad_out * rectangular_grad(u, ctx.width), None
-
-
-_FUNCTIONS = {"atan": _ATan, "sigmoid": _Sigmoid, "rectangular": _Rectangular}
+_GRADS = {"atan": atan_grad, "sigmoid": sigmoid_grad, "rectangular": rectangular_grad}
 _DEFAULT_WIDTH = {"atan": 2.0, "sigmoid": 4.0, "rectangular": 1.0}
 
 
@@ -93,8 +69,8 @@ class Surrogate:
     width: float | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in _FUNCTIONS:
-            raise ValueError(f"unknown surrogate {self.kind!r}; choose one of {sorted(_FUNCTIONS)}")
+        if self.kind not in _GRADS:
+            raise ValueError(f"unknown surrogate {self.kind!r}; choose one of {sorted(_GRADS)}")
         if self.width is not None and not self.width > 0:
             raise ValueError(f"surrogate width must be > 0, got {self.width}")
 
@@ -103,9 +79,8 @@ class Surrogate:
         return float(_DEFAULT_WIDTH[self.kind] if self.width is None else self.width)
 
     def __call__(self, u: torch.Tensor) -> torch.Tensor:
-        return _FUNCTIONS[self.kind].apply(u, self.resolved_width)
+        return _SurrogateSpike.apply(u, _GRADS[self.kind], self.resolved_width)
 
     def grad(self, u: torch.Tensor) -> torch.Tensor:
         """The analytic surrogate derivative at ``u`` (what backward multiplies by)."""
-        fn = {"atan": atan_grad, "sigmoid": sigmoid_grad, "rectangular": rectangular_grad}
-        return fn[self.kind](u, self.resolved_width)
+        return _GRADS[self.kind](u, self.resolved_width)
