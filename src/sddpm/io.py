@@ -39,30 +39,27 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def _first(items: list[str], n: int = 5) -> str:
-    shown = ", ".join(items[:n])
-    return shown + (f", ... ({len(items)} in all)" if len(items) > n else "")
-
-
 def state_dict_mismatch(
     expected: Mapping[str, torch.Size | tuple[int, ...]],
     given: Mapping[str, torch.Tensor],
+    show: int = 5,
 ) -> str | None:
-    """A message listing missing, unexpected and mis-shaped keys (first few of each), or None."""
+    """A message listing missing, unexpected and mis-shaped keys (the first ``show`` of each,
+    with counts), or None when ``given`` has exactly the expected keys and shapes."""
     missing = [k for k in expected if k not in given]
     unexpected = [k for k in given if k not in expected]
     misshaped = [
-        f"{k} (expected {tuple(expected[k])}, got {tuple(given[k].shape)})"
+        f"{k}: expected {list(expected[k])}, got {list(given[k].shape)}"
         for k in expected
         if k in given and tuple(given[k].shape) != tuple(expected[k])
     ]
-    if not (missing or unexpected or misshaped):
-        return None
     parts = []
-    if missing:
-        parts.append(f"missing keys: {_first(missing)}")
-    if unexpected:
-        parts.append(f"unexpected keys: {_first(unexpected)}")
-    if misshaped:
-        parts.append(f"mis-shaped keys: {_first(misshaped)}")
-    return "; ".join(parts)
+    for title, items in (
+        ("missing keys", missing),
+        ("unexpected keys", unexpected),
+        ("mis-shaped keys", misshaped),
+    ):
+        if items:
+            more = f" (and {len(items) - show} more)" if len(items) > show else ""
+            parts.append(f"{len(items)} {title}: {', '.join(items[:show])}{more}")
+    return "; ".join(parts) or None

@@ -48,7 +48,7 @@ def test_bad_checkpoints_list_the_keys(reference):
     msg = str(err.value)
     assert "missing keys: tail_conv.weight" in msg
     assert "unexpected keys: extra.weight" in msg
-    assert "conv.weight (expected (32, 1, 3, 3), got (32, 3, 3, 3))" in msg
+    assert "conv.weight: expected [32, 1, 3, 3], got [32, 3, 3, 3]" in msg
 
 
 def test_dataparallel_prefix_is_accepted(reference):

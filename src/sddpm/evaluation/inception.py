@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..io import state_dict_mismatch
+
 __all__ = [
     "INCEPTION_WEIGHTS_ENV",
     "INCEPTION_WEIGHTS_FILENAME",
@@ -314,25 +316,11 @@ def check_state_dict(
 
     The message lists the first ``show`` missing, unexpected and mis-shaped keys of each kind.
     """
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    misshaped = [
-        f"{k}: expected {list(expected[k])}, got {list(state_dict[k].shape)}"
-        for k in expected
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k])
-    ]
-    if not (missing or unexpected or misshaped):
-        return
-    lines = [f"{source} does not match the FID InceptionV3 ({INCEPTION_WEIGHTS_FILENAME}):"]
-    for title, items in (
-        ("missing keys", missing),
-        ("unexpected keys", unexpected),
-        ("mis-shaped keys", misshaped),
-    ):
-        if items:
-            more = f" (and {len(items) - show} more)" if len(items) > show else ""
-            lines.append(f"  {len(items)} {title}: {', '.join(items[:show])}{more}")
-    raise ValueError("\n".join(lines))
+    problem = state_dict_mismatch(expected, state_dict, show)
+    if problem:
+        raise ValueError(
+            f"{source} does not match the FID InceptionV3 ({INCEPTION_WEIGHTS_FILENAME}): {problem}"
+        )
 
 
 def resolve_inception_weights(

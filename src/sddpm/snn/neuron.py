@@ -101,19 +101,22 @@ class SpikingNeuron(nn.Module):
         self.fused = fused
         self.last_v: torch.Tensor | None = None
 
+    def settings(self) -> dict:
+        """The keyword arguments of :func:`neuron_step` / :func:`multistep_neuron`."""
+        return {
+            "threshold": self.threshold,
+            "surrogate": self.surrogate,
+            "tau": self.tau,
+            "reset": self.reset,
+            "v_reset": self.v_reset,
+            "detach_reset": self.detach_reset,
+            "decay_input": self.decay_input,
+        }
+
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         """``x_seq`` is ``[T, B, ...]``; returns spikes of the same shape (0.0 or 1.0)."""
         if self.fused:
-            spikes, v = multistep_neuron(
-                x_seq,
-                threshold=self.threshold,
-                surrogate=self.surrogate,
-                tau=self.tau,
-                reset=self.reset,
-                v_reset=self.v_reset,
-                detach_reset=self.detach_reset,
-                decay_input=self.decay_input,
-            )
+            spikes, v = multistep_neuron(x_seq, **self.settings())
             self.last_v = v
             return spikes
         return self.step_by_step(x_seq)
@@ -123,17 +126,7 @@ class SpikingNeuron(nn.Module):
         v = torch.full_like(x_seq[0], self.v_reset if self.reset == "hard" else 0.0)
         spikes = []
         for x in x_seq:
-            s, v = neuron_step(
-                v,
-                x,
-                threshold=self.threshold,
-                surrogate=self.surrogate,
-                tau=self.tau,
-                reset=self.reset,
-                v_reset=self.v_reset,
-                detach_reset=self.detach_reset,
-                decay_input=self.decay_input,
-            )
+            s, v = neuron_step(v, x, **self.settings())
             spikes.append(s)
         self.last_v = v.detach()
         return torch.stack(spikes)
