@@ -1,0 +1,467 @@
+"""Energy of a spiking network, measured by forward hooks during real forward passes.
+
+The model carries no measurement code: :class:`EnergyMeter` attaches forward hooks for the
+duration of a ``with`` block, keeps its data-dependent counters on the model's device (read
+once, when the report is made) and returns an :class:`~.energy_report.EnergyReport`.
+
+What is counted, per layer (a ``Conv1d/2d/3d`` or ``Linear`` module):
+
+- **spike-fed layers** (input = a :class:`~sddpm.snn.SpikingNeuron`'s output, possibly
+  nearest-upsampled first): synaptic operations (SOPs), the exact number of (input spike,
+  weight) pairs the layer uses, i.e. the sum over output elements of the spikes in their
+  receptive fields. Zero padding contributes nothing; stride, dilation and groups are honoured.
+  It is computed by summing the spikes over each group's input channels and convolving with an
+  all-ones kernel of the layer's shape (same stride, padding, dilation), times the output
+  channels per group. For the up-sampling block the layer is hooked, so the count is made on
+  the up-sampled tensor the conv actually sees.
+- **real-fed layers**: dense multiply-accumulates (MACs), output elements x fan-in
+  (``in_channels / groups x prod(kernel)`` for convs, ``in_features`` for linears).
+- **neuron layers**: firing rate, spikes / elements.
+
+Which layers are spike-fed is read from the module tree: a conv or linear registered directly
+after a ``SpikingNeuron`` sibling (``neuron1``/``conv1``, ``neuron``/``conv``, ...) is fed by it.
+That is how the SDDPM U-Net is written, and how a ``nn.Sequential(neuron, conv)`` reads; pass
+``spike_fed={layer: neuron}`` for other models. The report checks the assumption: a layer taken
+as spike-fed that saw any input value other than 0 or 1 is an error.
+
+Energy (pJ): ``E_AC`` per SOP and ``E_MAC`` per MAC, 0.9 pJ and 4.6 pJ by default (32-bit
+float add and multiply-add at 45 nm, Horowitz, ISSCC 2014, as used by SDDPM and most SNN
+papers). The report gives the paper's accounting (SOPs + MACs of the first conv only) and the
+full one (SOPs + MACs of every real-fed layer), per U-Net call and per generated image, and the
+ANN twin's dense MACs for the same architecture.
+
+Every layer is counted as executed: the U-Net's stem conv runs once per call (its output is
+broadcast over the S SNN steps), the time-embedding linears and time projections once per
+call, every other layer once per SNN step. The head's temporal conv is applied functionally
+(not by calling its module), so it is counted from the head's tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..snn import SpikingNeuron
+from .energy_report import EnergyReport, LayerEnergy, NeuronFiring
+
+__all__ = [
+    "E_AC_PJ",
+    "E_MAC_PJ",
+    "EnergyMeter",
+    "EnergyReport",
+    "ann_twin_macs",
+    "dense_ops",
+    "measure_sampling_energy",
+    "spike_fed_layers",
+    "synaptic_ops",
+]
+
+E_AC_PJ = 0.9  # pJ per accumulate (SOP), 32-bit float, 45 nm (Horowitz 2014)
+E_MAC_PJ = 4.6  # pJ per multiply-accumulate, 32-bit float, 45 nm
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_LAYERS = (*_CONVS, nn.Linear)
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def spike_fed_layers(model: nn.Module) -> dict[str, str]:
+    """``{layer name: neuron name}`` for every conv/linear registered directly after a
+    :class:`SpikingNeuron` among its siblings (names as in ``model.named_modules()``)."""
+    pairs: dict[str, str] = {}
+    for parent_name, parent in model.named_modules():
+        previous: str | None = None
+        for child_name, child in parent.named_children():
+            full = f"{parent_name}.{child_name}" if parent_name else child_name
+            if previous is not None and isinstance(child, _LAYERS):
+                pairs[full] = previous
+            previous = full if isinstance(child, SpikingNeuron) else None
+    return pairs
+
+
+def synaptic_ops(layer: nn.Module, spikes: torch.Tensor) -> torch.Tensor:
+    """Exact SOPs of ``layer`` (a ``Conv1d/2d/3d`` or ``Linear``) applied to ``spikes``, the
+    tensor the layer receives (0/1 values; batched or not): the number of (input spike, weight)
+    pairs used, i.e. the sum over output elements of the spikes in their receptive fields.
+    Zero padding adds nothing; other padding modes count the padded copies of spikes, which the
+    layer does multiply. Returns a 0-dim int64 tensor on the input's device (no sync)."""
+    with torch.no_grad():
+        x = spikes.detach()
+        x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        if isinstance(layer, nn.Linear):
+            # Every input spike meets every output: in_features -> out_features weights each.
+            return x.to(torch.int64).sum() * layer.out_features
+        if not isinstance(layer, _CONVS):
+            raise TypeError(f"synaptic_ops needs a Conv1d/2d/3d or Linear, got {type(layer)}")
+        nd = len(layer.kernel_size)
+        if x.dim() == nd + 1:  # unbatched input
+            x = x.unsqueeze(0)
+        g = layer.groups
+        # Spikes per group and position: every output channel of a group sees the same ones.
+        x = x.unflatten(1, (g, x.shape[1] // g)).sum(2)
+        padding: Any = layer.padding
+        if layer.padding_mode != "zeros":
+            x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+            padding = 0
+        ones = x.new_ones((g, 1, *layer.kernel_size))
+        # Integer-valued sums below 2**24 (fan-in), exact in float32.
+        in_field = _CONV_FN[nd](x, ones, None, layer.stride, padding, layer.dilation, g)
+        return in_field.to(torch.int64).sum() * (layer.out_channels // g)
+
+
+def dense_ops(layer: nn.Module, output: torch.Tensor) -> int:
+    """MACs of ``layer`` run densely to produce ``output``: output elements x fan-in."""
+    if isinstance(layer, nn.Linear):
+        return output.numel() * layer.in_features
+    if isinstance(layer, _CONVS):
+        return output.numel() * math.prod(layer.weight.shape[1:])
+    raise TypeError(f"dense_ops needs a Conv1d/2d/3d or Linear, got {type(layer)}")
+
+
+@dataclass
+class _Stats:
+    """One hooked layer's counters: ``*_dev`` on the device, the rest plain ints."""
+
+    name: str
+    kind: str  # "sop" | "mac" | "neuron"
+    module: str
+    neuron: str | None = None
+    is_conv: bool = False
+    ops_dev: torch.Tensor | None = None  # SOPs (sop layers)
+    ops: int = 0  # MACs (mac layers)
+    dense: int = 0
+    spikes_dev: torch.Tensor | None = None  # input spikes (sop) or output spikes (neuron)
+    elements: int = 0
+    nonbinary_dev: torch.Tensor | None = None
+
+
+def _add(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    # Out of place: counters made under inference_mode stay usable outside it.
+    return value if total is None else total + value
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            return a
+    return None
+
+
+class EnergyMeter:
+    """Count SOPs, MACs and spikes of ``model`` over every forward pass inside ``with``.
+
+    Example::
+
+        with EnergyMeter(model, e_ac=0.9, e_mac=4.6) as meter:
+            x0 = sample(model, x_T, sampler="ddim", steps=50)
+        report = meter.report(num_images=len(x_T))
+        print(report.table()); report.save_json("energy.json"); report.plot("energy.png")
+
+    Args:
+        model: any module; its forward calls define "calls" (the batch size of the first
+            tensor argument counts the images evaluated).
+        e_ac, e_mac: pJ per SOP and per MAC.
+        spike_fed: ``{layer name: neuron name}``; default :func:`spike_fed_layers`.
+        paper_layers: names of the real-fed layers the paper's accounting counts as MACs;
+            default the first conv to run (the stem conv on the image).
+        ann_macs: the ANN twin's MACs per call: a number, ``None`` (not reported) or
+            ``"auto"`` (computed with :func:`ann_twin_macs` when ``model.config`` is a spiking
+            ``UNetConfig``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        e_ac: float = E_AC_PJ,
+        e_mac: float = E_MAC_PJ,
+        spike_fed: Mapping[str, str] | None = None,
+        paper_layers: list[str] | None = None,
+        ann_macs: float | str | None = "auto",
+    ) -> None:
+        if not (e_ac >= 0 and e_mac >= 0):
+            raise ValueError(f"energies must be >= 0 pJ, got e_ac={e_ac}, e_mac={e_mac}")
+        self.model = model
+        self.e_ac = float(e_ac)
+        self.e_mac = float(e_mac)
+        self.spike_fed = dict(spike_fed_layers(model) if spike_fed is None else spike_fed)
+        modules = dict(model.named_modules())
+        unknown = [n for n in (*self.spike_fed, *self.spike_fed.values()) if n not in modules]
+        if unknown:
+            raise ValueError(f"spike_fed names modules the model does not have: {unknown}")
+        self.paper_layers = None if paper_layers is None else list(paper_layers)
+        self.ann_macs = ann_macs
+        self._handles: list[Any] = []
+        self.reset()
+
+    # ---- lifecycle
+    def reset(self) -> None:
+        """Zero every counter (e.g. to leave a warm-up pass out)."""
+        self._stats: dict[str, _Stats] = {}
+        self.model_calls = 0
+        self.evaluations = 0
+
+    def __enter__(self) -> EnergyMeter:
+        if self._handles:
+            raise RuntimeError("this EnergyMeter is already attached")
+        self._attach()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _attach(self) -> None:
+        from ..models.unet import Head  # the U-Net's head applies its temporal conv functionally
+
+        self._handles.append(
+            self.model.register_forward_pre_hook(self._count_call, with_kwargs=True)
+        )
+        for name, m in self.model.named_modules():
+            hook: Callable | None = None
+            if isinstance(m, SpikingNeuron):
+                hook = self._neuron_hook(name)
+            elif isinstance(m, _LAYERS):
+                if name in self.spike_fed:
+                    hook = self._sop_hook(name, self.spike_fed[name])
+                else:
+                    hook = self._mac_hook(name)
+            elif isinstance(m, Head):
+                hook = self._head_hook(f"{name}.temporal_conv" if name else "temporal_conv")
+            if hook is not None:
+                self._handles.append(m.register_forward_hook(hook))
+
+    def _get(self, name: str, kind: str, module: nn.Module, neuron: str | None = None) -> _Stats:
+        st = self._stats.get(name)
+        if st is None:  # first use: the report lists layers in the order they first ran
+            st = _Stats(name, kind, type(module).__name__, neuron, isinstance(module, _CONVS))
+            self._stats[name] = st
+        return st
+
+    # ---- hooks
+    def _count_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = _first_tensor(args, kwargs)
+        self.model_calls += 1
+        self.evaluations += int(x.shape[0]) if x is not None and x.dim() > 0 else 1
+
+    def _neuron_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            with torch.no_grad():
+                st = self._get(name, "neuron", module)
+                st.spikes_dev = _add(st.spikes_dev, out.detach().to(torch.int64).sum())
+                st.elements += out.numel()
+
+        return hook
+
+    def _sop_hook(self, name: str, neuron: str):
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            with torch.no_grad():
+                st = self._get(name, "sop", module, neuron)
+                x = args[0].detach()
+                st.ops_dev = _add(st.ops_dev, synaptic_ops(module, x))
+                st.dense += dense_ops(module, out)
+                st.spikes_dev = _add(st.spikes_dev, (x == 1).sum())
+                st.nonbinary_dev = _add(st.nonbinary_dev, ((x != 0) & (x != 1)).sum())
+                st.elements += x.numel()
+
+        return hook
+
+    def _mac_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            st = self._get(name, "mac", module)
+            n = dense_ops(module, out)
+            st.ops += n
+            st.dense += n
+
+        return hook
+
+    def _head_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            conv = module.temporal_conv
+            st = self._get(name, "mac", conv)
+            # Applied per SNN step to [S*B, C, H, W] and summed over steps into `out`.
+            n = args[0].shape[0] * out.numel() * math.prod(conv.weight.shape[1:])
+            st.ops += n
+            st.dense += n
+
+        return hook
+
+    # ---- result
+    def report(
+        self,
+        num_images: int | None = None,
+        calls_per_image: float | None = None,
+        settings: Mapping[str, Any] | None = None,
+    ) -> EnergyReport:
+        """The measured counts as an :class:`EnergyReport` (reads the device counters).
+
+        ``calls_per_image``: U-Net calls per generated image (the sampler's steps); default
+        ``evaluations / num_images`` when ``num_images`` is given, else 1. ``settings`` (e.g.
+        the sampler's) are copied into the JSON.
+        """
+        if self.evaluations == 0:
+            raise ValueError("nothing was measured: run the model inside `with EnergyMeter(...)`")
+        bad = []
+        for st in self._stats.values():
+            if st.kind == "sop" and st.nonbinary_dev is not None and int(st.nonbinary_dev):
+                bad.append(f"{st.name} ({int(st.nonbinary_dev)} values, fed by {st.neuron})")
+        if bad:
+            raise ValueError(
+                "layers taken as spike-fed received values other than 0 and 1: "
+                + ", ".join(bad)
+                + "; pass spike_fed={layer: neuron} naming only layers fed by spikes"
+            )
+        if calls_per_image is None:
+            calls_per_image = self.evaluations / num_images if num_images else 1.0
+        n = self.evaluations
+        paper = self.paper_layers
+        if paper is None:
+            convs = [s.name for s in self._stats.values() if s.kind == "mac" and s.is_conv]
+            paper = convs[:1]
+        layers, neurons = [], []
+        for st in self._stats.values():
+            if st.kind == "neuron":
+                spikes = int(st.spikes_dev) if st.spikes_dev is not None else 0
+                neurons.append(NeuronFiring(st.name, spikes, st.elements))
+                continue
+            if st.kind == "sop":
+                ops = int(st.ops_dev) if st.ops_dev is not None else 0
+                spikes = int(st.spikes_dev) if st.spikes_dev is not None else 0
+                rate = spikes / st.elements if st.elements else 0.0
+                e = self.e_ac
+            else:
+                ops, rate, e = st.ops, None, self.e_mac
+            layers.append(
+                LayerEnergy(
+                    name=st.name,
+                    kind=st.kind,
+                    module=st.module,
+                    ops=ops / n,
+                    dense_ops=st.dense / n,
+                    energy_pj=ops / n * e,
+                    paper=st.kind == "sop" or st.name in paper,
+                    firing_rate=rate,
+                    neuron=st.neuron,
+                )
+            )
+        return EnergyReport(
+            layers=layers,
+            neurons=neurons,
+            e_ac=self.e_ac,
+            e_mac=self.e_mac,
+            evaluations=n,
+            model_calls=self.model_calls,
+            calls_per_image=float(calls_per_image),
+            num_images=num_images,
+            ann_macs=self._ann_macs(),
+            settings=dict(settings or {}),
+        )
+
+    def _ann_macs(self) -> float | None:
+        if self.ann_macs != "auto":
+            return None if self.ann_macs is None else float(self.ann_macs)
+        from ..models import UNetConfig
+
+        config = getattr(self.model, "config", None)
+        if isinstance(config, UNetConfig) and config.kind == "spiking":
+            return float(ann_twin_macs(config))
+        return None
+
+
+@lru_cache(maxsize=16)
+def ann_twin_macs(config: Any) -> int:
+    """Dense MACs of one call of the ANN twin of ``config`` (a ``UNetConfig``) on one image:
+    the same layers with S = 1, every conv and linear counted as MACs (by hooks on a forward
+    pass of a freshly built twin on the CPU)."""
+    from ..models import build_model
+
+    cfg = config.replace(kind="ann")
+    model = build_model(cfg).eval()
+    x = torch.zeros(1, cfg.image_channels, cfg.image_size, cfg.image_size)
+    t = torch.zeros(1, dtype=torch.long)
+    with EnergyMeter(model, ann_macs=None) as meter, torch.inference_mode():
+        model(x, t)
+    report = meter.report()
+    assert report.sops_per_call == 0, "the ANN twin has no spiking neurons"
+    return int(report.macs_per_call)
+
+
+def measure_sampling_energy(
+    model: nn.Module,
+    num_images: int,
+    *,
+    sampler: str = "ddim",
+    steps: int | None = None,
+    eta: float = 0.0,
+    threshold: float | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    schedule: Any = None,
+    prediction: str = "eps",
+    e_ac: float = E_AC_PJ,
+    e_mac: float = E_MAC_PJ,
+    progress: bool = True,
+    source: str | os.PathLike | None = None,
+    fold_bn: bool = True,
+) -> EnergyReport:
+    """Generate ``num_images`` images with :func:`sddpm.diffusion.sample` (per-image seeds,
+    in batches, on the model's device) and measure them with an :class:`EnergyMeter`.
+
+    ``model`` is a U-Net in eval mode; the sampler arguments are those of
+    :func:`sddpm.diffusion.sample`. The images are discarded; per-image energy uses the model
+    calls actually made per image. With ``fold_bn`` the measured network is the copy with
+    BatchNorm folded into its convs that :func:`sddpm.generation.generate` samples with (the
+    same layers and counts; BatchNorm is not counted either way)."""
+    from ..diffusion import initial_noise, sample
+    from ..models import UNet, fold_batchnorm
+
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if fold_bn and isinstance(model, UNet):
+        model = fold_batchnorm(model.eval())
+    cfg = model.config
+    shape = (cfg.image_channels, cfg.image_size, cfg.image_size)
+    device = next(model.parameters()).device
+    bar = tqdm(total=num_images, unit="img", desc=f"energy {sampler}", disable=not progress)
+    try:
+        with EnergyMeter(model, e_ac=e_ac, e_mac=e_mac) as meter:
+            for start in range(0, num_images, batch_size):
+                idx = list(range(start, min(start + batch_size, num_images)))
+                x_T = initial_noise(idx, shape, seed, device=device)
+                sample(
+                    model,
+                    x_T,
+                    sampler=sampler,
+                    steps=steps,
+                    eta=eta,
+                    threshold=threshold,
+                    seed=seed,
+                    schedule=schedule,
+                    indices=idx,
+                    prediction=prediction,
+                )
+                bar.update(len(idx))
+    finally:
+        bar.close()
+    calls = meter.evaluations / num_images
+    settings = {
+        "source": None if source is None else str(source),
+        "sampler": sampler,
+        "steps": steps if steps is not None else round(calls),
+        "eta": eta,
+        "threshold": threshold,
+        "seed": seed,
+        "batch_size": batch_size,
+    }
+    return meter.report(num_images=num_images, settings=settings)

@@ -1,0 +1,432 @@
+"""The energy meter: exact SOPs (hand counts), closed-form MACs, firing rates, accountings, CLI.
+
+Spikes are made by real ``SpikingNeuron`` layers (threshold 1, IF): an input of 2.0 fires at
+the first SNN step, 0.0 never fires.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sddpm.evaluation.energy import (
+    EnergyMeter,
+    ann_twin_macs,
+    spike_fed_layers,
+    synaptic_ops,
+)
+from sddpm.models import UNetConfig, build_model, preset, save_pretrained
+from sddpm.models.unet import Upsample
+from sddpm.snn import SpikeConv2d, SpikingNeuron
+
+
+def spikes_at(shape, positions) -> torch.Tensor:
+    """A neuron input that makes the neuron fire exactly at ``positions`` (index tuples)."""
+    x = torch.zeros(shape)
+    for p in positions:
+        x[p] = 2.0
+    return x
+
+
+def measure(net: nn.Module, *args, **meter_kwargs):
+    with EnergyMeter(net, ann_macs=None, **meter_kwargs) as meter, torch.no_grad():
+        net(*args)
+    return meter.report()
+
+
+def layer(report, name):
+    (found,) = [la for la in report.layers if la.name == name]
+    return found
+
+
+# ---------------------------------------------------------------- hand-counted SOPs
+
+
+def test_sops_of_a_padded_3x3_conv_equal_the_hand_count():
+    # 4x4 map, 3x3 conv, padding 1, stride 1: output (i, j) sees inputs (i-1..i+1, j-1..j+1).
+    # An input spike at p reaches the output positions whose window holds p:
+    #   corner (0, 0): rows {0,1} x cols {0,1}       = 4 positions
+    #   edge   (0, 2): rows {0,1} x cols {1,2,3}     = 6 positions
+    #   inner  (2, 2): rows {1,2,3} x cols {1,2,3}   = 9 positions
+    #   corner (3, 3): rows {2,3} x cols {2,3}       = 4 positions
+    # each position has 2 output channels: SOPs = (4 + 6 + 9 + 4) * 2 = 46.
+    net = nn.Sequential(SpikingNeuron(), nn.Conv2d(1, 2, 3, padding=1))
+    x = spikes_at((1, 1, 4, 4), [(0, 0, 0, 0), (0, 0, 0, 2), (0, 0, 2, 2), (0, 0, 3, 3)])
+    report = measure(net, x)
+    conv = layer(report, "1")
+    assert conv.kind == "sop" and conv.neuron == "0"
+    assert conv.ops == 46
+    assert conv.energy_pj == pytest.approx(46 * 0.9)
+    assert conv.firing_rate == 4 / 16
+    assert report.neurons[0].firing_rate == 4 / 16
+    # Dense: 16 outputs x 2 channels x fan-in 9 = 288. rate x dense = 4/16 * 288 = 72 counts
+    # every spike 9 times per output channel; padding takes 2 * (5 + 3 + 0 + 5) = 26 away.
+    assert conv.dense_ops == 288
+    assert conv.firing_rate * conv.dense_ops - conv.ops == 26
+
+
+def test_sops_of_a_strided_two_channel_conv_equal_the_hand_count():
+    # 4x4 map, 3x3 conv, stride 2, padding 1 -> 2x2 outputs; output row o sees input rows
+    # 2o-1..2o+1, so input row 0 -> o {0}, 1 -> {0,1}, 2 -> {1}, 3 -> {1}; same for columns.
+    #   ch0 (0, 0): 1 x 1 = 1     ch0 (1, 1): 2 x 2 = 4
+    #   ch1 (3, 3): 1 x 1 = 1     ch1 (1, 2): 2 x 1 = 2
+    # 8 (spike, output position) pairs x 3 output channels = 24 SOPs.
+    net = nn.Sequential(SpikingNeuron(), nn.Conv2d(2, 3, 3, stride=2, padding=1))
+    x = spikes_at((1, 2, 4, 4), [(0, 0, 0, 0), (0, 0, 1, 1), (0, 1, 3, 3), (0, 1, 1, 2)])
+    assert layer(measure(net, x), "1").ops == 24
+
+
+def test_a_strided_conv_can_do_more_sops_than_rate_times_dense():
+    # Why "SOPs <= rate x dense" holds for stride-1 convs only: with stride 2 an input at an
+    # odd position is shared by 2 x 2 outputs, more than the 9/4 an average input gets.
+    net = nn.Sequential(SpikingNeuron(), nn.Conv2d(1, 1, 3, stride=2, padding=1))
+    conv = layer(measure(net, spikes_at((1, 1, 4, 4), [(0, 0, 1, 1)])), "1")
+    assert conv.ops == 4
+    assert conv.firing_rate * conv.dense_ops == 1 / 16 * (4 * 9)  # 2.25 < 4
+
+
+def test_sops_of_1x1_and_grouped_convs_and_linears():
+    # 1x1: every spike meets every output channel once: SOPs = spikes x out_ch = rate x dense.
+    net = nn.Sequential(SpikingNeuron(), nn.Conv2d(4, 6, 1))
+    x = spikes_at((1, 4, 3, 3), [(0, 0, 0, 0), (0, 3, 2, 1), (0, 1, 1, 1)])
+    conv = layer(measure(net, x), "1")
+    assert conv.ops == 3 * 6 == conv.firing_rate * conv.dense_ops
+    # groups=2: channels 0-1 feed output channels 0-2, channels 2-3 feed 3-5: 3 each.
+    grouped = nn.Sequential(SpikingNeuron(), nn.Conv2d(4, 6, 1, groups=2))
+    assert layer(measure(grouped, x), "1").ops == 3 * 3
+    # Linear 5 -> 7: 2 spikes x 7 outputs.
+    lin = nn.Sequential(SpikingNeuron(), nn.Linear(5, 7))
+    assert layer(measure(lin, spikes_at((1, 5), [(0, 1), (0, 4)])), "1").ops == 14
+
+
+def test_upsample_block_counts_sops_on_the_upsampled_map():
+    # One spike at (0, 0) of a 2x2 map; nearest x2 makes spikes at (0..1, 0..1) of a 4x4 map,
+    # which a 3x3 padding-1 conv reaches 4 + 6 + 6 + 9 = 25 times (1 output channel).
+    block = Upsample(1, SpikingNeuron, SpikeConv2d).eval()
+    x = spikes_at((1, 1, 1, 2, 2), [(0, 0, 0, 0, 0)])  # [S, B, C, H, W]
+    report = measure(block, x, None)
+    conv = layer(report, "conv")
+    assert conv.ops == 25
+    assert conv.dense_ops == 16 * 9
+    assert conv.firing_rate == report.neurons[0].firing_rate == 1 / 4
+
+
+def test_synaptic_ops_with_reflect_padding_counts_the_padded_copies():
+    # A spike at the centre (1, 1) of a 3x3 map; reflect padding maps padded row -1 and row 3
+    # to row 1 (columns alike), so the padded 5x5 map holds the spike at rows {0, 2, 4} x
+    # columns {0, 2, 4}. The window of output row a spans padded rows a..a+2 and holds
+    # r(a) = 2, 1, 2 spike rows for a = 0, 1, 2: (2 + 1 + 2)^2 = 25 SOPs. Zero padding: 9.
+    x = torch.zeros(1, 1, 3, 3)
+    x[0, 0, 1, 1] = 1
+    reflect = nn.Conv2d(1, 1, 3, padding=1, padding_mode="reflect")
+    assert int(synaptic_ops(reflect, x)) == 25
+    assert int(synaptic_ops(nn.Conv2d(1, 1, 3, padding=1), x)) == 9
+
+
+def test_a_layer_wrongly_declared_spike_fed_is_an_error():
+    net = nn.Sequential(nn.Conv2d(1, 1, 1), nn.Conv2d(1, 1, 1))
+    with EnergyMeter(net, spike_fed={"1": "0"}, ann_macs=None) as meter:
+        net(torch.randn(1, 1, 4, 4))
+    with pytest.raises(ValueError, match="other than 0 and 1"):
+        meter.report()
+
+
+# ---------------------------------------------------------------- closed-form MACs
+
+
+def test_macs_of_real_fed_conv_and_linear_equal_the_closed_form():
+    net = nn.Sequential(
+        nn.Conv2d(3, 5, 3, stride=2, padding=1),  # [2,3,8,8] -> [2,5,4,4]
+        nn.Conv2d(5, 6, 1),  # -> [2,6,4,4]
+        nn.Flatten(),
+        nn.Linear(6 * 16, 7),
+    )
+    report = measure(net, torch.randn(2, 3, 8, 8))
+    # per call = per image: output elements x fan-in.
+    assert layer(report, "0").ops == 5 * 4 * 4 * (3 * 3 * 3)  # 2160
+    assert layer(report, "1").ops == 6 * 4 * 4 * 5  # 480
+    assert layer(report, "3").ops == 7 * 96  # 672
+    assert all(la.kind == "mac" for la in report.layers)
+    # The paper's accounting counts the first conv only.
+    assert report.per_call["macs_paper"] == 2160
+    assert report.per_call["macs"] == 2160 + 480 + 672
+    assert report.per_call["energy_pj_full"] == pytest.approx((2160 + 480 + 672) * 4.6)
+
+
+def test_grouped_real_fed_conv_macs():
+    net = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, groups=2))
+    report = measure(net, torch.randn(1, 4, 5, 5))
+    assert layer(report, "0").ops == 6 * 25 * (2 * 9)
+
+
+# ---------------------------------------------------------------- the digits U-Net
+
+
+@pytest.fixture(scope="module")
+def digits_run():
+    """The digits preset (random init, eval mode) on 2 images, with every spike-fed conv's
+    input captured by the test's own hooks."""
+    torch.manual_seed(0)
+    model = build_model(preset("digits")).eval()
+    fed = spike_fed_layers(model)
+    modules = dict(model.named_modules())
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(module, args):
+            seen[name] = args[0].detach().clone()
+
+        return hook
+
+    handles = [modules[n].register_forward_pre_hook(keep(n)) for n in fed]
+    x = torch.randn(2, 1, 8, 8) * 2
+    t = torch.tensor([10, 500])
+    with EnergyMeter(model) as meter, torch.inference_mode():
+        model(x, t)
+    for h in handles:
+        h.remove()
+    return model, meter.report(num_images=2, calls_per_image=50), seen
+
+
+def test_digits_layers_are_classified_by_what_feeds_them(digits_run):
+    model, report, _ = digits_run
+    kinds = {la.name: la.kind for la in report.layers}
+    sop = {n for n, k in kinds.items() if k == "sop"}
+    mac = {n for n, k in kinds.items() if k == "mac"}
+    assert sop == {
+        "stem.conv2",
+        *(
+            f"{b}.conv{i}"
+            for b in ("encoder.0", "encoder.2", "middle.0", "middle.1")
+            for i in (1, 2)
+        ),
+        *(f"decoder.{b}.conv{i}" for b in (0, 1, 3, 4) for i in (1, 2)),
+        "encoder.1.conv",  # downsample
+        "decoder.2.conv",  # upsample
+    }
+    assert mac == {
+        "time_embed.proj_in",
+        "time_embed.proj_out",
+        "stem.conv",
+        "head.conv",
+        "head.temporal_conv",
+        *(f"{b}.time_proj" for b in ("encoder.0", "encoder.2", "middle.0", "middle.1")),
+        *(f"decoder.{b}.time_proj" for b in (0, 1, 3, 4)),
+        "encoder.2.skip",
+        *(f"decoder.{b}.skip" for b in (0, 1, 3, 4)),
+    }
+    assert len(report.neurons) == len(sop) == 19
+    assert [la.name for la in report.layers if la.paper and la.kind == "mac"] == ["stem.conv"]
+
+
+def test_digits_sops_are_exact_receptive_field_counts(digits_run):
+    model, report, seen = digits_run
+    modules = dict(model.named_modules())
+    n = report.evaluations
+    assert n == 2
+    padding_loss_seen = False
+    for la in (la for la in report.layers if la.kind == "sop"):
+        conv, s = modules[la.name], seen[la.name]
+        assert set(s.unique().tolist()) <= {0.0, 1.0}
+        spikes = int(s.sum())
+        # Independent exact count: im2col columns hold each output position's receptive
+        # field (zeros where padded); every output channel uses all of them.
+        cols = F.unfold(s, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+        assert la.ops * n == int(cols.sum()) * conv.out_channels, la.name
+        assert la.firing_rate == spikes / s.numel()
+        if conv.stride == (1, 1):
+            # Stride 1, same size: rate x dense = spikes x out_ch x 9 exactly (each spike
+            # would meet 9 outputs per channel); the exact count loses, per spike at row i
+            # and column j, 9 - r(i) r(j) with r = 2 on the first/last row (column), else 3.
+            h, w = s.shape[-2:]
+            r_row = torch.full((h,), 3.0)
+            r_row[[0, -1]] = 2
+            r_col = torch.full((w,), 3.0)
+            r_col[[0, -1]] = 2
+            loss = int((s * (9 - r_row[:, None] * r_col[None, :])).sum()) * conv.out_channels
+            assert spikes * conv.out_channels * 9 - la.ops * n == loss, la.name
+            assert la.firing_rate * la.dense_ops * n == pytest.approx(
+                spikes * conv.out_channels * 9, rel=1e-12
+            )
+            assert la.ops <= la.firing_rate * la.dense_ops * (1 + 1e-12)
+            padding_loss_seen |= loss > 0
+        else:
+            # Stride 2, 3x3 kernel: an input meets at most 2 x 2 output positions.
+            assert la.ops * n <= spikes * conv.out_channels * 4
+    assert padding_loss_seen  # the border case was exercised
+    assert report.sops_per_call > 0
+
+
+def test_digits_firing_rates_and_upsampled_rates(digits_run):
+    model, report, seen = digits_run
+    rates = {nf.name: nf.firing_rate for nf in report.neurons}
+    for la in (la for la in report.layers if la.kind == "sop"):
+        # A conv's input rate is its neuron's rate; nearest x2 up-sampling repeats every
+        # element 4 times, so the rate is kept there too.
+        assert la.firing_rate == pytest.approx(rates[la.neuron], abs=1e-15), la.name
+    assert 0 < rates["stem.neuron"] < 1
+
+
+def test_digits_macs_closed_form_and_accountings(digits_run):
+    model, report, _ = digits_run
+    c = model.config  # 1x8x8 images, ch 32, ch_mult (1, 2), S = 4
+    S, ch, tdim = c.snn_timesteps, c.channels, c.time_embed_dim
+    assert layer(report, "stem.conv").ops == 8 * 8 * ch * (1 * 9)  # once, broadcast over S
+    assert layer(report, "time_embed.proj_in").ops == ch * tdim
+    assert layer(report, "time_embed.proj_out").ops == tdim * tdim
+    assert layer(report, "encoder.0.time_proj").ops == tdim * ch
+    assert layer(report, "encoder.2.skip").ops == S * 4 * 4 * (2 * ch) * ch  # 1x1, 4x4 map
+    assert layer(report, "head.conv").ops == S * 8 * 8 * 1 * (ch * 9)
+    assert layer(report, "head.temporal_conv").ops == S * 8 * 8 * 1 * 9
+
+    call, image = report.per_call, report.per_image
+    assert call["sops"] == sum(la.ops for la in report.layers if la.kind == "sop")
+    assert call["macs_paper"] == layer(report, "stem.conv").ops
+    assert call["energy_pj_paper"] == pytest.approx(
+        call["sops"] * 0.9 + call["macs_paper"] * 4.6, rel=1e-12
+    )
+    assert call["energy_pj_full"] == pytest.approx(
+        call["sops"] * 0.9 + call["macs"] * 4.6, rel=1e-12
+    )
+    assert call["energy_pj_paper"] <= call["energy_pj_full"]
+    for key in call:
+        assert image[key] == pytest.approx(call[key] * 50, rel=1e-12)
+
+    # Layer by layer, the SNN's dense ops are the ANN twin's (same images) times S, except
+    # for the layers that run once per call in both: the stem conv (its output is broadcast
+    # over the SNN steps), the time-embedding linears and the time projections.
+    ann_model = build_model(c.replace(kind="ann")).eval()
+    with EnergyMeter(ann_model, ann_macs=None) as meter, torch.no_grad():
+        ann_model(torch.randn(2, 1, 8, 8), torch.tensor([10, 500]))
+    ann_layers = {la.name: la for la in meter.report().layers}
+    assert {la.name for la in report.layers} == set(ann_layers)
+    for la in report.layers:
+        once = la.name == "stem.conv" or "time" in la.name
+        assert la.dense_ops == ann_layers[la.name].ops * (1 if once else S), la.name
+    ann = report.ann["macs"]
+    assert ann == sum(a.ops for a in ann_layers.values())
+    assert report.ann["energy_pj"] == pytest.approx(ann * 4.6)
+    assert report.ann["energy_pj_per_image"] == pytest.approx(ann * 4.6 * 50)
+
+
+def test_ann_twin_macs_equal_the_closed_form():
+    cfg = UNetConfig(
+        image_channels=1,
+        image_size=4,
+        channels=4,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        diffusion_steps=10,
+    )
+
+    def conv(hw, cout, cin, k=3):  # output positions x out channels x fan-in
+        return hw * cout * cin * k * k
+
+    tdim = 16
+    expected = sum(
+        [
+            4 * tdim + tdim * tdim,  # time embedding: 4 -> 16 -> 16
+            conv(16, 4, 1) + conv(16, 4, 4),  # stem conv, conv2 (4x4)
+            conv(16, 4, 4) + tdim * 4 + conv(16, 4, 4),  # encoder res 4 -> 4
+            conv(4, 4, 4),  # downsample to 2x2
+            conv(4, 8, 4) + tdim * 8 + conv(4, 8, 8) + conv(4, 8, 4, 1),  # res 4 -> 8 + skip
+            2 * (conv(4, 8, 8) + tdim * 8 + conv(4, 8, 8)),  # middle
+            conv(4, 8, 16) + tdim * 8 + conv(4, 8, 8) + conv(4, 8, 16, 1),  # dec res 8+8 -> 8
+            conv(4, 8, 12) + tdim * 8 + conv(4, 8, 8) + conv(4, 8, 12, 1),  # dec res 8+4 -> 8
+            conv(16, 8, 8),  # upsample conv at 4x4
+            conv(16, 4, 12) + tdim * 4 + conv(16, 4, 4) + conv(16, 4, 12, 1),  # res 8+4 -> 4
+            conv(16, 4, 8) + tdim * 4 + conv(16, 4, 4) + conv(16, 4, 8, 1),  # res 4+4 -> 4
+            conv(16, 1, 4) + conv(16, 1, 1),  # head conv, temporal conv
+        ]
+    )
+    assert expected == 62_928
+    assert ann_twin_macs(cfg) == expected
+    # The spiking model's report quotes the same number.
+    model = build_model(cfg).eval()
+    with EnergyMeter(model) as meter, torch.no_grad():
+        model(torch.randn(3, 1, 4, 4), torch.tensor([0, 5, 9]))
+    assert meter.report().ann["macs"] == expected
+
+
+# ---------------------------------------------------------------- report outputs and CLI
+
+
+def test_report_json_table_and_plot(digits_run, tmp_path):
+    _, report, _ = digits_run
+    report.save_json(tmp_path / "e.json")
+    data = json.loads((tmp_path / "e.json").read_text())
+    for section in ("per_call", "per_image"):
+        assert set(data[section]) >= {"sops", "macs", "energy_pj_paper", "energy_pj_full"}
+    assert set(data["ann"]) >= {"macs", "energy_pj"}
+    first = data["layers"][0]
+    assert set(first) >= {"name", "kind", "ops"}
+    assert all("firing_rate" in la for la in data["layers"] if la["kind"] == "sop")
+    text = report.table()
+    assert "decoder.2.conv" in text and "per image" in text and "ANN twin" in text
+    report.plot(tmp_path / "e.png")
+    assert (tmp_path / "e.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.json", "e.png"]  # no temp files
+
+
+TINY = UNetConfig(
+    image_channels=1,
+    image_size=8,
+    channels=8,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    diffusion_steps=20,
+)
+
+
+def test_cli_writes_json_and_plot(tmp_path):
+    from typer.testing import CliRunner
+
+    from sddpm.cli import app
+
+    torch.manual_seed(0)
+    save_pretrained(build_model(TINY).eval(), tmp_path / "model")
+    out = tmp_path / "out"
+    args = ["energy", "--run", str(tmp_path / "model"), "--json", str(out / "e.json")]
+    args += ["--plot", str(out / "e.png"), "--sampler", "ddim", "--steps", "3", "--num", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "e.json").read_text())
+    assert data["sampler"] == "ddim" and data["steps"] == 3 and data["num_images"] == 2
+    assert data["calls_per_image"] == 3 and data["evaluations"] == 6
+    assert {la["kind"] for la in data["layers"]} == {"sop", "mac"}
+    for key in ("sops", "macs", "energy_pj_paper", "energy_pj_full"):
+        assert data["per_image"][key] == pytest.approx(3 * data["per_call"][key], rel=1e-12)
+    assert data["ann"]["macs"] == ann_twin_macs(TINY)
+    assert (out / "e.png").is_file()
+    assert "per call" in result.output
+
+
+def test_cli_refuses_a_directory_without_checkpoint(tmp_path):
+    from typer.testing import CliRunner
+
+    from sddpm.cli import app
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["energy", "--run", str(run), "--json", str(out / "e.json")])
+    assert result.exit_code == 2
+    assert "holds no checkpoint" in result.output
+    assert not out.exists()
+
+
+def test_meter_leaves_the_model_as_it_was():
+    torch.manual_seed(0)
+    model = build_model(TINY).eval()
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 17])
+    with torch.no_grad():
+        before = model(x, t)
+        with EnergyMeter(model, ann_macs=None) as meter:
+            during = model(x, t)
+    assert torch.equal(before, during)
+    assert meter.report().model_calls == 1
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
