@@ -34,3 +34,27 @@ def parse_ints(text: str | None, what: str) -> tuple[int, ...] | None:
     except ValueError:
         fail(f"{what} must be comma-separated integers like 1,2,2,4, got {text!r}")
         raise
+
+
+# Options shared by the commands that sample (sample, evaluate, sweep-threshold, energy).
+RUN_OPTION = typer.Option(None, "--run", help="Run directory (latest checkpoint).")
+CHECKPOINT_OPTION = typer.Option(None, "--checkpoint", help="A model directory.")
+SAMPLER_OPTION = typer.Option("ddim", "--sampler", help="ddpm, ddim or dpm-solver++.")
+STEPS_OPTION = typer.Option(
+    None, "--steps", help="Model calls (default: 1000 ddpm, 100 ddim, 20 dpm-solver++)."
+)
+ETA_OPTION = typer.Option(0.0, "--eta", help="DDIM noise: 0 deterministic, 1 DDPM-like.")
+THRESHOLD_OPTION = typer.Option(
+    None, "--threshold", help="Threshold guidance: every neuron's threshold while sampling."
+)
+SEED_OPTION = typer.Option(0, "--seed", help="Image i depends on (seed, i) only.")
+BATCH_SIZE_OPTION = typer.Option(64, "--batch-size", help="Images per U-Net call.")
+WEIGHTS_OPTION = typer.Option(None, "--weights", help="model or ema (default: as saved).")
+DEVICE_OPTION = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ...")
+
+
+def resolve_source(run, checkpoint):
+    """Exactly one of ``--run`` / ``--checkpoint``."""
+    if (run is None) == (checkpoint is None):
+        fail("give exactly one of --run RUN_DIR or --checkpoint MODEL_DIR")
+    return run if run is not None else checkpoint

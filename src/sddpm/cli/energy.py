@@ -6,7 +6,18 @@ from pathlib import Path
 
 import typer
 
-from ._app import app, fail
+from ._app import (
+    BATCH_SIZE_OPTION,
+    DEVICE_OPTION,
+    ETA_OPTION,
+    SAMPLER_OPTION,
+    SEED_OPTION,
+    STEPS_OPTION,
+    THRESHOLD_OPTION,
+    WEIGHTS_OPTION,
+    app,
+    fail,
+)
 
 
 @app.command("energy")
@@ -14,19 +25,15 @@ def energy_command(
     run: Path = typer.Option(..., "--run", help="Run directory (latest checkpoint) or model dir."),
     json_out: Path = typer.Option(..., "--json", help="Report to write (JSON)."),
     plot: Path | None = typer.Option(None, "--plot", help="Also draw firing rates and energy."),
-    sampler: str = typer.Option("ddim", "--sampler", help="ddpm, ddim or dpm-solver++."),
-    steps: int | None = typer.Option(
-        None, "--steps", help="Model calls (default: 1000 ddpm, 100 ddim, 20 dpm-solver++)."
-    ),
+    sampler: str = SAMPLER_OPTION,
+    steps: int | None = STEPS_OPTION,
     num: int = typer.Option(16, "--num", help="Images to generate while measuring."),
-    eta: float = typer.Option(0.0, "--eta", help="DDIM noise: 0 deterministic, 1 DDPM-like."),
-    threshold: float | None = typer.Option(
-        None, "--threshold", help="Threshold guidance: every neuron's threshold while sampling."
-    ),
-    seed: int = typer.Option(0, "--seed", help="Image i depends on (seed, i) only."),
-    batch_size: int = typer.Option(64, "--batch-size"),
-    weights: str | None = typer.Option(None, "--weights", help="model or ema (default: saved)."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    eta: float = ETA_OPTION,
+    threshold: float | None = THRESHOLD_OPTION,
+    seed: int = SEED_OPTION,
+    batch_size: int = BATCH_SIZE_OPTION,
+    weights: str | None = WEIGHTS_OPTION,
+    device: str = DEVICE_OPTION,
     e_ac: float = typer.Option(0.9, "--e-ac", help="pJ per synaptic operation (accumulate)."),
     e_mac: float = typer.Option(4.6, "--e-mac", help="pJ per multiply-accumulate."),
 ) -> None:

@@ -10,8 +10,22 @@ from pathlib import Path
 
 import typer
 
-from ._app import app, fail, print_table
-from .sample import resolve_source
+from ._app import (
+    BATCH_SIZE_OPTION,
+    CHECKPOINT_OPTION,
+    DEVICE_OPTION,
+    ETA_OPTION,
+    RUN_OPTION,
+    SAMPLER_OPTION,
+    SEED_OPTION,
+    STEPS_OPTION,
+    THRESHOLD_OPTION,
+    WEIGHTS_OPTION,
+    app,
+    fail,
+    print_table,
+    resolve_source,
+)
 
 _ERRORS = (ValueError, FileNotFoundError)
 
@@ -60,7 +74,7 @@ def fid_stats_command(
     split: str = typer.Option("train", "--split", help="train or test."),
     download: bool = typer.Option(False, "--download", help="Fetch the dataset if missing."),
     workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    device: str = DEVICE_OPTION,
 ) -> None:
     """Reference statistics of a dataset's images (no flips) in the published .npz format."""
     from ..evaluation.evaluate import (
@@ -111,18 +125,16 @@ def fid_stats_command(
 def evaluate_command(
     stats: Path = typer.Option(..., "--stats", help="Reference .npz (sddpm fid-stats)."),
     out: Path = typer.Option(..., "--out", help="Output metrics .json."),
-    run: Path | None = typer.Option(None, "--run", help="Run directory (latest checkpoint)."),
-    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="A model directory."),
+    run: Path | None = RUN_OPTION,
+    checkpoint: Path | None = CHECKPOINT_OPTION,
     num: int = typer.Option(50000, "--num", help="Number of images to generate."),
-    sampler: str = typer.Option("ddim", "--sampler", help="ddpm, ddim or dpm-solver++."),
-    steps: int | None = typer.Option(None, "--steps", help="Model calls (default per sampler)."),
-    eta: float = typer.Option(0.0, "--eta", help="DDIM noise."),
-    threshold: float | None = typer.Option(
-        None, "--threshold", help="Threshold guidance: every neuron's threshold while sampling."
-    ),
-    seed: int = typer.Option(0, "--seed", help="Image i depends on (seed, i) only."),
-    batch_size: int = typer.Option(64, "--batch-size"),
-    weights: str | None = typer.Option(None, "--weights", help="model or ema (default: saved)."),
+    sampler: str = SAMPLER_OPTION,
+    steps: int | None = STEPS_OPTION,
+    eta: float = ETA_OPTION,
+    threshold: float | None = THRESHOLD_OPTION,
+    seed: int = SEED_OPTION,
+    batch_size: int = BATCH_SIZE_OPTION,
+    weights: str | None = WEIGHTS_OPTION,
     features: str = typer.Option("inception", "--features", help=FEATURES_HELP),
     inception_weights: Path | None = typer.Option(None, "--inception-weights"),
     kid_reference: Path | None = typer.Option(
@@ -136,7 +148,7 @@ def evaluate_command(
     kid_data_dir: Path | None = typer.Option(None, "--kid-data-dir"),
     kid_num: int | None = typer.Option(None, "--kid-num", help="Images of --kid-dataset."),
     is_splits: int = typer.Option(10, "--is-splits", help="Inception Score splits."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    device: str = DEVICE_OPTION,
 ) -> None:
     """Generate N images and write FID, IS and KID with the settings to a JSON file."""
     from ..evaluation.evaluate import (
@@ -203,21 +215,21 @@ def sweep_threshold_command(
     ),
     stats: Path = typer.Option(..., "--stats", help="Reference .npz (sddpm fid-stats)."),
     out: Path = typer.Option(..., "--out", help="Output folder: sweep.json, .csv and .png."),
-    run: Path | None = typer.Option(None, "--run", help="Run directory (latest checkpoint)."),
-    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="A model directory."),
+    run: Path | None = RUN_OPTION,
+    checkpoint: Path | None = CHECKPOINT_OPTION,
     metric: str = typer.Option(
         "fid", "--metric", help="fid (FID Inception) or proxy-fid (digits network)."
     ),
     num: int = typer.Option(10000, "--num", help="Images per threshold value."),
-    sampler: str = typer.Option("ddim", "--sampler", help="ddpm, ddim or dpm-solver++."),
-    steps: int | None = typer.Option(None, "--steps", help="Model calls (default per sampler)."),
-    eta: float = typer.Option(0.0, "--eta", help="DDIM noise."),
+    sampler: str = SAMPLER_OPTION,
+    steps: int | None = STEPS_OPTION,
+    eta: float = ETA_OPTION,
     seed: int = typer.Option(0, "--seed", help="The same seeds for every value."),
-    batch_size: int = typer.Option(64, "--batch-size"),
-    weights: str | None = typer.Option(None, "--weights", help="model or ema (default: saved)."),
+    batch_size: int = BATCH_SIZE_OPTION,
+    weights: str | None = WEIGHTS_OPTION,
     inception_weights: Path | None = typer.Option(None, "--inception-weights"),
     is_splits: int = typer.Option(10, "--is-splits", help="Inception Score splits."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    device: str = DEVICE_OPTION,
 ) -> None:
     """Evaluate several threshold-guidance values with the same seeds; mark the best."""
     from ..evaluation.evaluate import (

@@ -6,34 +6,37 @@ from pathlib import Path
 
 import typer
 
-from ._app import app, fail
-
-
-def resolve_source(run: Path | None, checkpoint: Path | None) -> Path:
-    """Exactly one of ``--run`` / ``--checkpoint``."""
-    if (run is None) == (checkpoint is None):
-        fail("give exactly one of --run RUN_DIR or --checkpoint MODEL_DIR")
-    return run if run is not None else checkpoint
+from ._app import (
+    BATCH_SIZE_OPTION,
+    CHECKPOINT_OPTION,
+    DEVICE_OPTION,
+    ETA_OPTION,
+    RUN_OPTION,
+    SAMPLER_OPTION,
+    SEED_OPTION,
+    STEPS_OPTION,
+    THRESHOLD_OPTION,
+    WEIGHTS_OPTION,
+    app,
+    fail,
+    resolve_source,
+)
 
 
 @app.command("sample")
 def sample_command(
     out: Path = typer.Option(..., "--out", help="Output: .png (a grid) or .npz (uint8 images)."),
-    run: Path | None = typer.Option(None, "--run", help="Run directory (latest checkpoint)."),
-    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="A model directory."),
+    run: Path | None = RUN_OPTION,
+    checkpoint: Path | None = CHECKPOINT_OPTION,
     num: int = typer.Option(64, "--num", help="Number of images."),
-    sampler: str = typer.Option("ddim", "--sampler", help="ddpm, ddim or dpm-solver++."),
-    steps: int | None = typer.Option(
-        None, "--steps", help="Model calls (default: 1000 ddpm, 100 ddim, 20 dpm-solver++)."
-    ),
-    eta: float = typer.Option(0.0, "--eta", help="DDIM noise: 0 deterministic, 1 DDPM-like."),
-    threshold: float | None = typer.Option(
-        None, "--threshold", help="Threshold guidance: every neuron's threshold while sampling."
-    ),
-    seed: int = typer.Option(0, "--seed", help="Image i depends on (seed, i) only."),
-    batch_size: int = typer.Option(64, "--batch-size"),
-    weights: str | None = typer.Option(None, "--weights", help="model or ema (default: saved)."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    sampler: str = SAMPLER_OPTION,
+    steps: int | None = STEPS_OPTION,
+    eta: float = ETA_OPTION,
+    threshold: float | None = THRESHOLD_OPTION,
+    seed: int = SEED_OPTION,
+    batch_size: int = BATCH_SIZE_OPTION,
+    weights: str | None = WEIGHTS_OPTION,
+    device: str = DEVICE_OPTION,
 ) -> None:
     """Generate images and write a PNG grid or an .npz array ``images`` [N, H, W, C] uint8."""
     from ..generation import generate, load_for_sampling
