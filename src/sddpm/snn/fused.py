@@ -2,26 +2,47 @@
 
 Autograd through the step loop keeps several float tensors per step (the surrogate's input,
 the membrane and the spike of the reset) and records a dozen graph nodes per step. Here the
-forward runs without autograd, writes spikes as bool, and keeps only the pre-spike membrane
+forward runs without autograd and keeps only the pre-spike membrane
 ``h_t`` of every step; spikes are recomputed from it (``h_t >= threshold``, which is the same
 test as ``h_t - threshold >= 0`` in IEEE arithmetic) in the backward pass, which walks the steps
 in reverse (backpropagation through time) with the formulas autograd would apply. Without
 gradients the loop runs in place on the membrane: three tensor operations per step for IF.
+Spikes are float comparisons (``ge`` with a float ``out``), which CPUs do an order of
+magnitude faster than bool masks.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .surrogate import Surrogate, heaviside
+from .surrogate import Surrogate
+
+
+def _fire(h: torch.Tensor, threshold: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Float spikes ``h >= threshold`` (a float ``out=`` comparison: far cheaper on CPUs than
+    making a bool mask and converting it)."""
+    if out is None:
+        out = torch.empty_like(h)
+    return torch.ge(h, threshold, out=out)
+
+
+def _reset(h, s, threshold, reset, v_reset, in_place):
+    """The membrane after the reset, from the pre-spike membrane ``h`` and float spikes ``s``.
+
+    Exact for spikes in {0, 1}: ``h - h s`` is h or 0, as ``h (1 - s)`` is."""
+    if reset == "soft":
+        return h.sub_(s, alpha=threshold) if in_place else torch.sub(h, s, alpha=threshold)
+    if v_reset == 0.0:
+        return h.addcmul_(h, s, value=-1.0) if in_place else torch.addcmul(h, h, s, value=-1.0)
+    return h * (1.0 - s) + v_reset * s
 
 
 def _forward_loop(x_seq, threshold, tau, reset, v_reset, decay_input, keep_h):
-    """Spikes (bool), last membrane, and the pre-spike membranes if ``keep_h``."""
+    """Float spikes, last membrane, and the pre-spike membranes if ``keep_h``."""
     v_rest = v_reset if reset == "hard" else 0.0
     v = torch.full_like(x_seq[0], v_rest)
     h_seq = torch.empty_like(x_seq) if keep_h else None
-    spikes = torch.empty(x_seq.shape, dtype=torch.bool, device=x_seq.device)
+    spikes = torch.empty_like(x_seq)
     for t in range(x_seq.shape[0]):
         x = x_seq[t]
         h = h_seq[t] if keep_h else v  # without h_seq, charge the membrane in place
@@ -31,12 +52,8 @@ def _forward_loop(x_seq, threshold, tau, reset, v_reset, decay_input, keep_h):
             torch.add(v, (x - v + v_rest) / tau, out=h)
         else:  # h = v - (v - v_rest) / tau + x
             torch.add(v - (v - v_rest) / tau, x, out=h)
-        s = spikes[t]
-        torch.ge(h, threshold, out=s)
-        if reset == "hard":
-            v = h.masked_fill(s, v_reset) if keep_h else h.masked_fill_(s, v_reset)
-        else:
-            v = torch.where(s, h - threshold, h)
+        s = _fire(h, threshold, out=spikes[t])
+        v = _reset(h, s, threshold, reset, v_reset, in_place=not keep_h)
     return spikes, v, h_seq
 
 
@@ -50,7 +67,7 @@ class MultiStepNeuronFunction(torch.autograd.Function):
         ctx.save_for_backward(h_seq)
         ctx.settings = (threshold, surrogate, tau, reset, v_reset, detach_reset, decay_input)
         ctx.mark_non_differentiable(v)
-        return spikes.to(x_seq.dtype), v
+        return spikes, v
 
     @staticmethod
     def backward(ctx, grad_spikes, _grad_last_v):
@@ -66,7 +83,7 @@ class MultiStepNeuronFunction(torch.autograd.Function):
         for t in range(h_seq.shape[0] - 1, -1, -1):
             h = h_seq[t]
             u = h - threshold
-            s = heaviside(u)
+            s = _fire(h, threshold)
             if reset == "hard":  # v = h (1 - s) + v_reset s
                 dv_dh = 1.0 - s
                 dv_ds = None if detach_reset else v_reset - h
@@ -98,4 +115,4 @@ def multistep_neuron(
             x_seq, threshold, surrogate, tau, reset, v_reset, detach_reset, decay_input
         )
     spikes, v, _ = _forward_loop(x_seq, threshold, tau, reset, v_reset, decay_input, False)
-    return spikes.to(x_seq.dtype), v
+    return spikes, v

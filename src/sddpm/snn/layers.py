@@ -22,17 +22,27 @@ class _SpikeConv2dFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         spikes, weight = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
-        grad_in = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_in = torch.nn.grad.conv2d_input(
-                spikes.shape, weight, grad_out, stride, padding, dilation, groups
-            ).to(ctx.input_dtype)
-        if ctx.needs_input_grad[1]:
-            grad_w = torch.nn.grad.conv2d_weight(
-                spikes.to(grad_out.dtype), weight.shape, grad_out, stride, padding, dilation, groups
-            )
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_out.sum((0, 2, 3))
+        # one aten call computes the input, weight and bias gradients together
+        grad_in, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad_out,
+            # bool -> uint8 is a free reinterpretation; uint8 -> float is a fast conversion
+            spikes.view(torch.uint8).to(grad_out.dtype),
+            weight,
+            [weight.shape[0]] if ctx.has_bias else None,
+            stride,
+            padding,
+            dilation,
+            False,
+            [0, 0],
+            groups,
+            [
+                ctx.needs_input_grad[0],
+                ctx.needs_input_grad[1],
+                ctx.has_bias and ctx.needs_input_grad[2],
+            ],
+        )
+        if grad_in is not None:
+            grad_in = grad_in.to(ctx.input_dtype)
         return grad_in, grad_w, grad_b, None, None, None, None
 
 
