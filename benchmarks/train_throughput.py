@@ -1,0 +1,154 @@
+"""Training throughput: one optimiser update (forward + backward + clip + Adam + EMA) per preset.
+
+Times the update ``sddpm.training`` makes (the same library calls: ``training_loss``, gradient
+clipping, ``build_optimizer``, ``EMA``) on random images, for the spiking U-Net and its ANN twin.
+After ``--warmup`` untimed updates, ``--repeats`` blocks of ``--steps`` updates are timed; the
+table reports the median block's seconds per update, images per second, and the process CPU
+seconds per update (robust to other processes sharing the cores). Each row is appended to
+``benchmarks/results.jsonl``.
+
+    .venv/bin/python benchmarks/train_throughput.py                       # digits + cifar10
+    .venv/bin/python benchmarks/train_throughput.py --presets cifar10 --device cuda --batch 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from sddpm.config import run_preset
+from sddpm.diffusion import draw_t_and_noise, training_loss
+from sddpm.models import build_model, count_parameters
+from sddpm.training import EMA, build_optimizer, trainable_parameters
+
+RESULTS = Path(__file__).with_name("results.jsonl")
+CPU_BATCH = {"digits": 64, "cifar10": 8, "mnist": 8, "fashion-mnist": 8, "celeba64": 4}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench(preset: str, kind: str, batch: int, device: torch.device, args) -> dict:
+    config = run_preset(preset, kind)
+    unet = config.unet_config()
+    schedule = config.diffusion.build()
+    torch.manual_seed(0)
+    model = build_model(unet).to(device).train()
+    optimizer, scheduler = build_optimizer(model, config.optim)
+    ema = EMA(model, config.optim.ema_decay)
+    params = trainable_parameters(model)
+    shape = (batch, unet.image_channels, unet.image_size, unet.image_size)
+    x0 = torch.rand(shape, device=device) * 2 - 1
+    g = torch.Generator(device=device).manual_seed(0)
+    bf16 = device.type == "cuda" and config.train.bf16 and not args.fp32
+    net = torch.compile(model) if args.compile else model
+
+    def update() -> None:
+        t, noise = draw_t_and_noise(x0, schedule, g)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            loss = training_loss(net, x0, schedule, t=t, noise=noise).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip or math.inf)
+        optimizer.step()
+        scheduler.step()
+        ema.update(model)
+
+    for _ in range(args.warmup):
+        update()
+    _sync(device)
+    walls, cpus = [], []
+    for _ in range(args.repeats):
+        w0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(args.steps):
+            update()
+        _sync(device)
+        walls.append((time.perf_counter() - w0) / args.steps)
+        cpus.append((time.process_time() - c0) / args.steps)
+    wall = statistics.median(walls)
+    return {
+        "benchmark": "train_throughput",
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "preset": preset,
+        "kind": kind,
+        "parameters": count_parameters(model),
+        "batch": batch,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "bf16": bf16,
+        "compile": bool(args.compile),
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "s_per_step": wall,
+        "s_per_step_all": walls,
+        "cpu_s_per_step": statistics.median(cpus),
+        "images_per_s": batch / wall,
+        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30
+        if device.type == "cuda"
+        else None,
+        "torch": torch.__version__,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--presets", default="digits,cifar10")
+    ap.add_argument("--kinds", default="spiking,ann")
+    ap.add_argument("--batch", type=int, default=None, help="default: per preset (CPU sizes)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=None, help="default 3 (1 for 32x32+ on CPU)")
+    ap.add_argument("--steps", type=int, default=None, help="default 10 (1 for 32x32+ on CPU)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
+    ap.add_argument("--no-save", action="store_true")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    rows = []
+    for preset in args.presets.split(","):
+        big = device.type == "cpu" and preset != "digits"
+        for kind in args.kinds.split(","):
+            a = argparse.Namespace(**vars(args))
+            a.warmup = args.warmup if args.warmup is not None else (1 if big else 3)
+            a.steps = args.steps if args.steps is not None else (1 if big else 10)
+            batch = args.batch or (CPU_BATCH.get(preset, 8) if device.type == "cpu" else 128)
+            row = bench(preset, kind, batch, device, a)
+            rows.append(row)
+            print(
+                f"{preset:>8} {kind:>7} batch {batch:>4}: {row['s_per_step'] * 1e3:9.1f} ms/step "
+                f"{row['images_per_s']:9.1f} img/s (cpu {row['cpu_s_per_step'] * 1e3:.1f} ms/step)",
+                flush=True,
+            )
+            if not args.no_save:
+                with open(RESULTS, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+    print()
+    print("| preset | model | batch | device | threads | ms / step | images / s | CPU ms / step |")
+    print("| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(
+            f"| {r['preset']} | {r['kind']} | {r['batch']} | {r['device']} | {r['threads']} | "
+            f"{r['s_per_step'] * 1e3:.1f} | {r['images_per_s']:.1f} | "
+            f"{r['cpu_s_per_step'] * 1e3:.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

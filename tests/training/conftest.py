@@ -1,0 +1,43 @@
+import pytest
+import torch
+
+from sddpm.config import RunConfig, run_preset
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One CPU thread: these models are tiny, and on shared cores more threads only contend
+    (and would make float summation order depend on the machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+TINY = [
+    "channels=8",
+    "channel_mult=[1,2]",
+    "num_res_blocks=1",
+    "batch_size=8",
+    "total_steps=6",
+    "warmup_steps=3",
+    "lr=1e-3",
+    "ema_decay=0.9",
+    "checkpoint_every=2",
+    "keep_last=2",
+    "num_samples=0",
+    "log_every=1",
+    "device=cpu",
+    "threads=1",
+    "seed=3",
+]
+
+
+def tiny_config(*overrides: str) -> RunConfig:
+    """The digits preset shrunk to a few-millisecond step (8 channels, batch 8, 6 steps)."""
+    return run_preset("digits").override([*TINY, *overrides])
+
+
+@pytest.fixture()
+def tiny():
+    return tiny_config

@@ -1,0 +1,73 @@
+"""DDP on the CPU (Gloo, 2 processes under torchrun) against one process.
+
+Two ranks with 4 images each and one process with the same global batch of 8 in 2
+micro-batches of 4 make the same computation: rank r's images are the ones one process puts in
+micro-batch r (see sddpm.training.loop), each micro-batch's BatchNorm statistics are over the
+same 4 images, and every image gets the same diffusion step and noise. The gradients then
+differ only in how the two halves are combined: DDP divides each rank's gradient by 2 and sums
+them, one process backpropagates loss / 2 per micro-batch and sums; halving is exact in binary
+floating point and a sum of two terms does not depend on their order, so the results are
+bit-identical (no tolerance needed, no spike can flip). With one micro-batch of 8 instead, the
+BatchNorm statistics differ and so does the loss (checked too, so the comparison has teeth).
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from sddpm.training import latest_checkpoint, train
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+def test_two_gloo_ranks_match_one_process(tmp_path, tiny):
+    kind = "spiking"
+    steps = 4
+    ddp_config = tiny(f"model.kind={kind}", f"total_steps={steps}", "checkpoint_every=0")
+    (tmp_path / "config.json").write_text(ddp_config.to_json())
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(WORKER),
+            str(tmp_path / "config.json"),
+            str(tmp_path / "ddp_run"),
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    r0 = torch.load(out / "rank0.pt", weights_only=True)
+    r1 = torch.load(out / "rank1.pt", weights_only=True)
+    assert r0["world_size"] == 2 and len(r0["losses"]) == steps
+    # DDP keeps the ranks' parameters identical (the all-reduced gradient is the same on both)
+    for name, value in r0["state"].items():
+        if "running_" not in name and "num_batches" not in name:
+            assert torch.equal(value, r1["state"][name]), name
+    assert r0["losses"] == r1["losses"]  # the logged loss is all-reduced
+    # only rank 0 wrote the run directory; it holds the final checkpoint
+    assert latest_checkpoint(tmp_path / "ddp_run").name == f"step_{steps:08d}"
+
+    single = train(ddp_config.override(["grad_accum=2"]), tmp_path / "single", progress=False)
+    assert single.losses == r0["losses"]
+    single_state = single.model.state_dict()
+    for name, value in r0["state"].items():
+        if "running_" in name or "num_batches" in name:
+            continue  # BatchNorm buffers follow each rank's own micro-batch
+        assert torch.equal(value, single_state[name]), name
+    whole = train(
+        ddp_config.override(["grad_accum=1", "total_steps=1"]), tmp_path / "w", progress=False
+    )
+    assert whole.losses[0] != r0["losses"][0]  # BatchNorm over 8 images, not 2 x 4
