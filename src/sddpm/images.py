@@ -22,37 +22,54 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def make_grid(
-    images: np.ndarray, ncol: int | None = None, pad: int = 2, scale: int = 1
+    images: torch.Tensor, nrow: int | None = None, padding: int = 2, pad_value: float = 1.0
 ) -> np.ndarray:
-    """uint8 ``[N, H, W, C]`` -> one uint8 ``[rows*(H+pad)+pad, cols*(W+pad)+pad, C]`` image,
-    black padding; ``scale`` enlarges each pixel (nearest) so small images stay visible."""
-    n, h, w, c = images.shape
-    if scale > 1:
-        images = images.repeat(scale, axis=1).repeat(scale, axis=2)
-        h, w = h * scale, w * scale
-    ncol = ncol or max(1, math.ceil(math.sqrt(n)))
-    nrow = max(1, math.ceil(n / ncol))
-    grid = np.zeros((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), dtype=np.uint8)
+    """``[N, C, H, W]`` images in [-1, 1] -> ``uint8`` array ``[rows*(H+p)+p, cols*(W+p)+p, C]``.
+
+    ``nrow`` images per row (default: ``ceil(sqrt(N))``); ``padding`` pixels of ``pad_value``
+    (in [0, 1], default white) between and around the images. Values outside [-1, 1] are clipped.
+    """
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected images [N, 1 or 3, H, W], got {tuple(images.shape)}")
+    n, c, h, w = images.shape
+    if n == 0:
+        raise ValueError("no images to put in a grid")
+    cols = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    arr = to_uint8(images)
+    fill = int(round(pad_value * 255))
+    grid = np.full(
+        (rows * (h + padding) + padding, cols * (w + padding) + padding, c), fill, np.uint8
+    )
     for i in range(n):
-        r, k = divmod(i, ncol)
-        top, left = pad + r * (h + pad), pad + k * (w + pad)
-        grid[top : top + h, left : left + w] = images[i]
+        r, q = divmod(i, cols)
+        top, left = padding + r * (h + padding), padding + q * (w + padding)
+        grid[top : top + h, left : left + w] = arr[i]
     return grid
 
 
 def save_grid(
-    images: torch.Tensor | np.ndarray, path: str | os.PathLike, ncol: int | None = None
+    images: torch.Tensor,
+    path: str | os.PathLike,
+    nrow: int | None = None,
+    padding: int = 2,
+    scale: int | None = None,
 ) -> Path:
-    """Write images (tensor in [-1, 1] ``[N,C,H,W]`` or uint8 ``[N,H,W,C]``) as one PNG grid.
+    """Write ``[N, C, H, W]`` images in [-1, 1] as one PNG grid, atomically; returns the path.
 
-    Images smaller than 32 pixels are enlarged so that the grid can be looked at."""
-    arr = to_uint8(images) if isinstance(images, torch.Tensor) else np.asarray(images)
-    scale = max(1, 32 // max(arr.shape[1], arr.shape[2]))
-    grid = make_grid(arr, ncol=ncol, scale=scale)
-    pil = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    ``scale``: nearest-neighbour magnification of the whole grid (default: enough to make each
+    image at least 32 pixels tall, so 8x8 digits are visible).
+    """
+    grid = make_grid(images, nrow=nrow, padding=padding)
+    if scale is None:
+        scale = max(1, math.ceil(32 / images.shape[-2]))
+    mode = "L" if grid.shape[2] == 1 else "RGB"
+    img = Image.fromarray(grid[:, :, 0] if mode == "L" else grid, mode=mode)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     path = Path(path)
     with atomic_path(path) as tmp:
-        pil.save(tmp, format="PNG")
+        img.save(tmp, format="PNG")
     return path
 
 

@@ -61,8 +61,8 @@ def test_npz_and_png_outputs(model_dir, tmp_path):
     png = tmp_path / "s.png"
     result = runner.invoke(app, [*args[:-1], str(png)])
     assert result.exit_code == 0, result.output
-    # 5 images -> a 3x2 grid of 32x32 (8x8 enlarged 4x) tiles with 2-pixel padding
-    assert Image.open(png).size == (3 * 34 + 2, 2 * 34 + 2)
+    # 5 images -> a 3x2 grid of 8x8 tiles with 2-pixel padding, enlarged 4x
+    assert Image.open(png).size == ((3 * 10 + 2) * 4, (2 * 10 + 2) * 4)
 
     # the same seed through the CLI gives the same images
     again = tmp_path / "again.npz"

@@ -24,7 +24,7 @@ from .checkpoint import (
 )
 from .distributed import DistContext, cleanup_distributed, setup_distributed
 from .ema import EMA
-from .grid import make_grid, save_grid
+from ..images import make_grid, save_grid
 from .loop import NonFiniteLossError, TrainResult, micro_batch_positions, step_seed, train
 from .metrics import MetricsLogger, read_metrics
 from .optim import build_optimizer, lr_factor, trainable_parameters, warmup_factor

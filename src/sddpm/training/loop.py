@@ -64,7 +64,7 @@ from .distributed import (
     setup_distributed,
 )
 from .ema import EMA
-from .grid import save_grid
+from ..images import save_grid
 from .metrics import MetricsLogger
 from .optim import build_optimizer, trainable_parameters
 
