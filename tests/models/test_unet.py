@@ -24,7 +24,7 @@ EXPECTED_PARAMETERS = {
     "celeba64": 66_696_413,
     "mnist": 66_691_725,
     "fashion-mnist": 66_691_725,
-    "digits": 675_533,
+    "digits": 178_029,
 }
 
 

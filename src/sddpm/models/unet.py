@@ -286,7 +286,14 @@ class UNet(nn.Module):
                 raise ValueError(f"expected t of shape [{x.shape[0]}], got {tuple(t.shape)}")
             if t.dtype.is_floating_point or t.dtype == torch.bool:
                 raise ValueError(f"t must hold integer diffusion steps, got dtype {t.dtype}")
-            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= c.diffusion_steps):
+            # The value check reads t on the host: done for CPU tensors only, so that a GPU
+            # step never waits on a device sync and torch.compile sees no graph break.
+            if (
+                t.numel()
+                and t.device.type == "cpu"
+                and not torch.compiler.is_compiling()
+                and (int(t.min()) < 0 or int(t.max()) >= c.diffusion_steps)
+            ):
                 raise ValueError(
                     f"t must be in [0, {c.diffusion_steps - 1}], got values "
                     f"{int(t.min())}..{int(t.max())}"

@@ -9,6 +9,7 @@
 - :func:`save_grid` writes ``[N, C, H, W]`` images in [-1, 1] as a PNG grid.
 """
 
+from ..images import make_grid, save_grid
 from .checkpoint import (
     METRICS_NAME,
     SAMPLES_DIR,
@@ -24,7 +25,6 @@ from .checkpoint import (
 )
 from .distributed import DistContext, cleanup_distributed, setup_distributed
 from .ema import EMA
-from ..images import make_grid, save_grid
 from .loop import NonFiniteLossError, TrainResult, micro_batch_positions, step_seed, train
 from .metrics import MetricsLogger, read_metrics
 from .optim import build_optimizer, lr_factor, trainable_parameters, warmup_factor

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from ..config import RunConfig
 from ..data import BatchIterator, ShardedInfiniteSampler, build_dataset
 from ..diffusion import draw_t_and_noise, initial_noise, sample, training_loss
+from ..images import save_grid
 from ..models import build_model
 from ..models.checkpoint import WEIGHT_FILES, load_state_into
 from .checkpoint import (
@@ -64,7 +65,6 @@ from .distributed import (
     setup_distributed,
 )
 from .ema import EMA
-from ..images import save_grid
 from .metrics import MetricsLogger
 from .optim import build_optimizer, trainable_parameters
 
