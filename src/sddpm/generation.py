@@ -8,7 +8,7 @@ the images do not change with the batch size or with the number of processes sha
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,16 +33,16 @@ def load_for_sampling(
 ) -> SamplingSetup:
     """Load a model directory or a run directory's latest checkpoint, with its schedule.
 
-    The schedule and prediction come from the checkpoint's ``diffusion`` config section; a
+    The schedule and prediction come from the checkpoint's ``diffusion`` config section
+    (``{"schedule": {...}, "prediction": "eps" | "v"}``, as training writes it); a
     checkpoint without one (a converted published model) uses the published linear schedule
     over the model's ``diffusion_steps``."""
     model_dir = find_model_dir(path)
     config = read_config(model_dir)
     model = load_pretrained(model_dir, weights=weights).to(device)
     diffusion = config.get("diffusion") or {}
-    schedule_dict = diffusion.get("schedule", diffusion if "kind" in diffusion else None)
-    if schedule_dict:
-        schedule = NoiseSchedule.from_dict(schedule_dict)
+    if "schedule" in diffusion:
+        schedule = NoiseSchedule.from_dict(diffusion["schedule"])
     else:
         schedule = NoiseSchedule.linear(T=model.config.diffusion_steps)
     if schedule.T != model.config.diffusion_steps:
@@ -53,7 +53,7 @@ def load_for_sampling(
     return SamplingSetup(model, schedule, diffusion.get("prediction", "eps"))
 
 
-def generate(
+def generate_batches(
     model: torch.nn.Module,
     indices: int | Sequence[int],
     image_shape: Sequence[int],
@@ -68,20 +68,22 @@ def generate(
     prediction: str = "eps",
     device: str | torch.device = "cpu",
     progress: bool = True,
+    desc: str | None = None,
     fold_bn: bool = True,
-) -> torch.Tensor:
-    """Images ``[N, C, H, W]`` in [-1, 1] (on the CPU) for image indices ``range(N)`` or the
-    given global indices, in batches of ``batch_size``; a tqdm bar shows images/s and ETA.
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Yield ``(image indices, images [b, C, H, W] in [-1, 1] on device)`` batch by batch for
+    image indices ``range(N)`` or the given global indices; a tqdm bar shows images/s and ETA.
 
-    With ``fold_bn`` a U-Net samples through a copy with BatchNorm folded into its convs
-    (:func:`sddpm.models.fold_batchnorm`): the same function, fewer passes over memory."""
+    With ``fold_bn`` a U-Net samples through one copy with BatchNorm folded into its convs
+    (:func:`sddpm.models.fold_batchnorm`), made once: the same function, fewer passes over
+    memory. Pass ``fold_bn=False`` to sample with ``model`` itself (e.g. one already folded
+    and carrying measurement hooks)."""
     idx = list(range(indices)) if isinstance(indices, int) else [int(i) for i in indices]
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if fold_bn and isinstance(model, UNet):
         model = fold_batchnorm(model.eval())
-    out = []
-    bar = tqdm(total=len(idx), unit="img", desc=f"{sampler}", disable=not progress)
+    bar = tqdm(total=len(idx), unit="img", desc=desc or sampler, disable=not progress)
     try:
         for start in range(0, len(idx), batch_size):
             chunk = idx[start : start + batch_size]
@@ -98,10 +100,21 @@ def generate(
                 indices=chunk,
                 prediction=prediction,
             )
-            out.append(x0.cpu())
+            yield chunk, x0
             bar.update(len(chunk))
     finally:
         bar.close()
+
+
+def generate(
+    model: torch.nn.Module,
+    indices: int | Sequence[int],
+    image_shape: Sequence[int],
+    **options,
+) -> torch.Tensor:
+    """All images of :func:`generate_batches` (same options), ``[N, C, H, W]`` in [-1, 1] on
+    the CPU."""
+    out = [x0.cpu() for _, x0 in generate_batches(model, indices, image_shape, **options)]
     if not out:
         return torch.empty((0, *image_shape))
     return torch.cat(out)

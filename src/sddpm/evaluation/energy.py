@@ -48,7 +48,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..snn import SpikingNeuron
 from .energy_report import EnergyReport, LayerEnergy, NeuronFiring
@@ -421,39 +420,34 @@ def measure_sampling_energy(
     calls actually made per image. With ``fold_bn`` the measured network is the copy with
     BatchNorm folded into its convs that :func:`sddpm.generation.generate` samples with (the
     same layers and counts; BatchNorm is not counted either way)."""
-    from ..diffusion import initial_noise, sample
+    from ..generation import generate_batches
     from ..models import UNet, fold_batchnorm
 
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if fold_bn and isinstance(model, UNet):
         model = fold_batchnorm(model.eval())
     cfg = model.config
-    shape = (cfg.image_channels, cfg.image_size, cfg.image_size)
-    device = next(model.parameters()).device
-    bar = tqdm(total=num_images, unit="img", desc=f"energy {sampler}", disable=not progress)
-    try:
-        with EnergyMeter(model, e_ac=e_ac, e_mac=e_mac) as meter:
-            for start in range(0, num_images, batch_size):
-                idx = list(range(start, min(start + batch_size, num_images)))
-                x_T = initial_noise(idx, shape, seed, device=device)
-                sample(
-                    model,
-                    x_T,
-                    sampler=sampler,
-                    steps=steps,
-                    eta=eta,
-                    threshold=threshold,
-                    seed=seed,
-                    schedule=schedule,
-                    indices=idx,
-                    prediction=prediction,
-                )
-                bar.update(len(idx))
-    finally:
-        bar.close()
+    with EnergyMeter(model, e_ac=e_ac, e_mac=e_mac) as meter:
+        # the meter's hooks sit on this (already folded) model: generate must not copy it
+        for _ in generate_batches(
+            model,
+            num_images,
+            (cfg.image_channels, cfg.image_size, cfg.image_size),
+            sampler=sampler,
+            steps=steps,
+            eta=eta,
+            threshold=threshold,
+            seed=seed,
+            batch_size=batch_size,
+            schedule=schedule,
+            prediction=prediction,
+            device=next(model.parameters()).device,
+            progress=progress,
+            desc=f"energy {sampler}",
+            fold_bn=False,
+        ):
+            pass
     calls = meter.evaluations / num_images
     settings = {
         "source": None if source is None else str(source),

@@ -363,46 +363,35 @@ def generate_and_score(
     generated ``batch_size`` at a time, mapped from [-1, 1] to [0, 1] and fed to ``net``; only
     features and probabilities are kept. A tqdm bar (images/s, ETA) runs on rank 0.
     """
-    from tqdm.auto import tqdm
-
-    from ..generation import generate
+    from ..generation import generate_batches
 
     cfg = setup.model.config
     shape = (cfg.image_channels, cfg.image_size, cfg.image_size)
     net.check_images(cfg.image_channels)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    idx = shard_indices(num, rank, world_size)
     parts: dict[str, Any] = {
         "stats": FeatureStats(net.dim, device=net.device),
         "indices": [],
         "probs": [],
         "features": [] if keep_features else None,
     }
-    label = desc or f"{sampler} {steps or ''}".strip()
-    bar = tqdm(total=len(idx), unit="img", desc=label, disable=not progress or rank != 0)
-    try:
-        for start in range(0, len(idx), batch_size):
-            chunk = idx[start : start + batch_size]
-            images = generate(
-                setup.model,
-                chunk,
-                shape,
-                sampler=sampler,
-                steps=steps,
-                eta=eta,
-                threshold=threshold,
-                seed=seed,
-                batch_size=len(chunk),
-                schedule=setup.schedule,
-                prediction=setup.prediction,
-                device=device,
-                progress=False,
-            )
-            _accumulate(net, _to_unit(images), chunk, parts)
-            bar.update(len(chunk))
-    finally:
-        bar.close()
+    batches = generate_batches(
+        setup.model,
+        shard_indices(num, rank, world_size),
+        shape,
+        sampler=sampler,
+        steps=steps,
+        eta=eta,
+        threshold=threshold,
+        seed=seed,
+        batch_size=batch_size,
+        schedule=setup.schedule,
+        prediction=setup.prediction,
+        device=device,
+        progress=progress and rank == 0,
+        desc=desc or f"{sampler} {steps or ''}".strip(),
+    )
+    for chunk, images in batches:
+        _accumulate(net, _to_unit(images), chunk, parts)
     return _finish(net, parts, keep_features)
 
 
