@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from sddpm.diffusion import NoiseSchedule, initial_noise, sample
 from sddpm.evaluation.digits_features import digits_sample_report, load_digits_feature_net
-from sddpm.models import find_model_dir, load_pretrained, read_config
+from sddpm.generation import generate, load_for_sampling
+from sddpm.models import find_model_dir, read_config
 from sddpm.training import save_grid
 
 RESULTS = Path(__file__).with_name("results.jsonl")
@@ -31,20 +31,22 @@ RESULTS = Path(__file__).with_name("results.jsonl")
 def score(path: str, num: int, sampler: str, steps: int, seed: int, weights: str, batch: int):
     model_dir = find_model_dir(path)
     cfg = read_config(model_dir)
-    model = load_pretrained(model_dir, weights=weights)
-    schedule = NoiseSchedule.from_dict(cfg["diffusion"]) if "diffusion" in cfg else None
+    setup = load_for_sampling(model_dir, weights=weights)
+    model = setup.model
     c, s = model.config.image_channels, model.config.image_size
     t0 = time.perf_counter()
-    images = []
-    for start in range(0, num, batch):
-        idx = list(range(start, min(num, start + batch)))
-        x_T = initial_noise(idx, (c, s, s), seed=seed)
-        images.append(
-            sample(
-                model, x_T, sampler=sampler, steps=steps, schedule=schedule, indices=idx, seed=seed
-            )
-        )
-    x = torch.cat(images)
+    x = generate(
+        model,
+        num,
+        (c, s, s),
+        sampler=sampler,
+        steps=steps,
+        seed=seed,
+        batch_size=batch,
+        schedule=setup.schedule,
+        prediction=setup.prediction,
+        progress=False,
+    )
     sample_s = time.perf_counter() - t0
     save_grid(x[:100], Path(model_dir) / f"quality_{sampler}{steps}.png", nrow=10)
     report = digits_sample_report(((x + 1) / 2).clamp(0, 1), load_digits_feature_net())

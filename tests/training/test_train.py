@@ -36,7 +36,10 @@ def test_run_directory_layout(tmp_path, tiny):
     assert state["step"] == 5 and state["data"]["offset"] == 5 * 8
     assert {"optimizer", "scheduler", "rng"} <= set(state)
     model_cfg = json.loads((ckpt / "config.json").read_text())
-    assert model_cfg["diffusion"] == {"kind": "linear", "T": 1000, "beta_1": 1e-4, "beta_T": 0.02}
+    assert model_cfg["diffusion"] == {
+        "schedule": {"kind": "linear", "T": 1000, "beta_1": 1e-4, "beta_T": 0.02},
+        "prediction": "eps",
+    }
     assert model_cfg["run"]["step"] == 5 and model_cfg["default_weights"] == "ema"
     ema_model = load_pretrained(run)
     for k, v in ema_model.state_dict().items():
@@ -109,3 +112,13 @@ def test_resume_follows_changed_settings(tmp_path, tiny):
     assert lrs == pytest.approx([1e-3 / 3, 2e-3 / 3, 5e-4 * 3 / 8, 5e-4 * 4 / 8])
     assert read_run_config(run).optim.lr == 5e-4
     assert len(json.loads((run / "config.json").read_text())["commands"]) == 2
+
+
+def test_sampling_reads_back_the_schedule_and_prediction_training_wrote(tmp_path, tiny):
+    from sddpm.generation import load_for_sampling
+
+    config = tiny("prediction=v", "total_steps=2", "T=200")
+    train(config, tmp_path / "run", progress=False)
+    setup = load_for_sampling(tmp_path / "run")
+    assert setup.prediction == "v"
+    assert setup.schedule.T == 200 and setup.model.config.diffusion_steps == 200

@@ -134,8 +134,8 @@ def _schedule_for(config: RunConfig):
 
 def _checkpoint_extra(config: RunConfig, schedule, step: int, world_size: int) -> dict[str, Any]:
     return {
-        "diffusion": schedule.to_dict(),
-        "prediction": config.diffusion.prediction,
+        # what sampling needs: read back by sddpm.generation.load_for_sampling
+        "diffusion": {"schedule": schedule.to_dict(), "prediction": config.diffusion.prediction},
         "run": {
             "step": int(step),
             "images_seen": int(step) * config.train.batch_size,
