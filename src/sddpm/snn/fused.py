@@ -4,8 +4,9 @@ Autograd through the step loop keeps several float tensors per step (the surroga
 the membrane and the spike of the reset) and records a dozen graph nodes per step. Here the
 forward runs without autograd and keeps only the pre-spike membrane
 ``h_t`` of every step; spikes are recomputed from it (``h_t >= threshold``, which is the same
-test as ``h_t - threshold >= 0`` in IEEE arithmetic) in the backward pass, which walks the steps
-in reverse (backpropagation through time) with the formulas autograd would apply. Without
+test as ``h_t - threshold >= 0`` in IEEE arithmetic) in the backward pass. Backpropagation
+through time is written as a linear recurrence whose coefficients (surrogate slopes, reset
+derivatives) are computed for all steps at once; only one multiply-add per step is serial. Without
 gradients the loop runs in place on the membrane: three tensor operations per step for IF.
 Spikes are float comparisons (``ge`` with a float ``out``), which CPUs do an order of
 magnitude faster than bool masks.
@@ -72,29 +73,42 @@ class MultiStepNeuronFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_spikes, _grad_last_v):
         (h_seq,) = ctx.saved_tensors
-        threshold, surrogate, tau, reset, v_reset, detach_reset, decay_input = ctx.settings
-        # charge derivatives: h = a * v_prev + b * x (+ const)
-        if tau is None:
-            dh_dv, dh_dx = 1.0, 1.0
-        else:
-            dh_dv, dh_dx = 1.0 - 1.0 / tau, (1.0 / tau if decay_input else 1.0)
-        grad_x = torch.empty_like(h_seq)
-        grad_v = torch.zeros_like(h_seq[0])  # dL/dv_t, the membrane after the reset of step t
-        for t in range(h_seq.shape[0] - 1, -1, -1):
-            h = h_seq[t]
-            u = h - threshold
-            s = _fire(h, threshold)
-            if reset == "hard":  # v = h (1 - s) + v_reset s
-                dv_dh = 1.0 - s
-                dv_ds = None if detach_reset else v_reset - h
-            else:  # v = h - threshold s
-                dv_dh = 1.0
-                dv_ds = None if detach_reset else -threshold
-            g_s = grad_spikes[t] if dv_ds is None else grad_spikes[t] + grad_v * dv_ds
-            g_h = g_s * surrogate.grad(u) + grad_v * dv_dh
-            grad_x[t] = g_h * dh_dx
-            grad_v = g_h * dh_dv
-        return grad_x, None, None, None, None, None, None, None
+        return (_backward(h_seq, grad_spikes, *ctx.settings),) + (None,) * 7
+
+
+def _backward(
+    h_seq, grad_spikes, threshold, surrogate, tau, reset, v_reset, detach_reset, decay_input
+):
+    """``dL/dx_seq`` from the pre-spike membranes and ``dL/dspikes``.
+
+    With ``h_t = a v_{t-1} + b x_t``, spikes ``s_t = H(h_t - threshold)`` (surrogate slope
+    ``g_t``) and the reset ``v_t = r(h_t, s_t)``, the gradient ``G_t = dL/dh_t`` obeys
+
+        G_t = g_t dL/ds_t + c_t G_{t+1},   c_t = a (dr/dh + dr/ds g_t),   dL/dx_t = b G_t
+
+    (``dr/ds`` taken as 0 when the reset is detached). ``g`` and ``c`` depend on the forward
+    pass only, so they are computed for all steps at once; the serial part is one fused
+    multiply-add per step, done in place on ``g dL/ds``.
+    """
+    if tau is None:
+        a, b = 1.0, 1.0
+    else:
+        a, b = 1.0 - 1.0 / tau, (1.0 / tau if decay_input else 1.0)
+    slope = surrogate.grad(h_seq - threshold)
+    if reset == "hard":  # r = h (1 - s) + v_reset s
+        c = 1.0 - _fire(h_seq, threshold)
+        if not detach_reset and v_reset == 0.0:  # dr/ds = v_reset - h
+            c.addcmul_(h_seq, slope, value=-1.0)
+        elif not detach_reset:
+            c.addcmul_(v_reset - h_seq, slope)
+    else:  # r = h - threshold s
+        c = torch.ones_like(h_seq) if detach_reset else 1.0 - threshold * slope
+    if a != 1.0:
+        c.mul_(a)
+    grad = slope.mul_(grad_spikes)  # g_t dL/ds_t for every step; becomes G in place
+    for t in range(h_seq.shape[0] - 2, -1, -1):
+        grad[t].addcmul_(c[t], grad[t + 1])
+    return grad.mul_(b) if b != 1.0 else grad
 
 
 def multistep_neuron(
