@@ -200,3 +200,54 @@ def test_fused_neuron_equals_step_by_step_autograd(tau, reset, detach_reset, dec
     assert 0 < out.mean() < 1  # some spikes, some silence: the test means something
     torch.testing.assert_close(gx, gx_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(neuron.last_v, v_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},  # the published neuron: IF, hard reset to 0, ATan
+        {"tau": 2.0, "reset": "soft", "detach_reset": True, "surrogate": Surrogate("sigmoid")},
+    ],
+)
+def test_compiled_neuron_kernel_equals_eager(settings):
+    """``kernel="compiled"`` runs the same loops through torch.compile (C++ here, Triton on
+    GPUs): same spikes, same last membrane, same gradients, for any shape and threshold."""
+    torch.manual_seed(0)
+    eager = SpikingNeuron(threshold=0.7, **settings)
+    compiled = SpikingNeuron(threshold=0.7, kernel="compiled", **settings)
+    for shape in [(4, 3, 5, 6), (2, 7, 11)]:
+        x = (torch.randn(*shape) * 1.5).requires_grad_()
+        w = torch.randn(*shape)
+        ref = eager(x)
+        (gx_ref,) = torch.autograd.grad((ref * w).sum(), x)
+        out = compiled(x)
+        (gx,) = torch.autograd.grad((out * w).sum(), x)
+        assert torch.equal(out, ref)
+        assert 0 < out.mean() < 1
+        torch.testing.assert_close(compiled.last_v, eager.last_v, rtol=0, atol=1e-6)
+        torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-6)
+        with torch.no_grad():
+            assert torch.equal(compiled(x), ref)
+    with pytest.raises(ValueError, match="kernel"):
+        SpikingNeuron(kernel="cuda")
+
+
+def test_16_bit_input_is_integrated_in_float32():
+    """Under bf16 autocast the membrane still integrates in float32: a threshold moved by
+    0.3 % (threshold guidance) changes spikes that a bf16 membrane could not tell apart."""
+    torch.manual_seed(0)
+    x = (torch.randn(4, 2, 500) * 0.6).to(torch.bfloat16)
+    for threshold in (1.0, 0.997):
+        neuron = SpikingNeuron(threshold=threshold)
+        ref = neuron(x.float())
+        xg = x.clone().requires_grad_()
+        out = neuron(xg)
+        assert out.dtype == torch.bfloat16
+        assert torch.equal(out.float(), ref)
+        (grad,) = torch.autograd.grad(out.float().sum(), xg)
+        assert grad.dtype == torch.bfloat16
+        xf = x.float().requires_grad_()
+        (grad_ref,) = torch.autograd.grad(neuron(xf).sum(), xf)
+        torch.testing.assert_close(grad.float(), grad_ref.to(torch.bfloat16).float())
+    low, high = SpikingNeuron(threshold=0.997)(x), SpikingNeuron(threshold=1.0)(x)
+    assert (low != high).any()  # the 0.3 % move is visible

@@ -1,8 +1,8 @@
 """Spiking neurons (IF, LIF; hard and soft reset) and surrogate gradients."""
 
-from .fused import multistep_neuron
+from .fused import KERNELS, multistep_neuron
 from .layers import SpikeConv2d
-from .neuron import RESET_MODES, SpikingNeuron, neuron_step
+from .neuron import RESET_MODES, SpikingNeuron, neuron_step, set_neuron_kernel
 from .surrogate import Surrogate, atan_grad, heaviside, rectangular_grad, sigmoid_grad
 from .threshold import (
     get_thresholds,
@@ -14,6 +14,7 @@ from .threshold import (
 )
 
 __all__ = [
+    "KERNELS",
     "RESET_MODES",
     "SpikeConv2d",
     "SpikingNeuron",
@@ -27,6 +28,7 @@ __all__ = [
     "rectangular_grad",
     "reset_neurons",
     "restore_thresholds",
+    "set_neuron_kernel",
     "set_threshold",
     "sigmoid_grad",
     "spiking_neurons",

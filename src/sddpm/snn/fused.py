@@ -58,28 +58,65 @@ def _forward_loop(x_seq, threshold, tau, reset, v_reset, decay_input, keep_h):
     return spikes, v, h_seq
 
 
+KERNELS = ("eager", "compiled")
+"""How the step loops run: ``eager`` (tensor operations from Python) or ``compiled``
+(``torch.compile`` of the same loops: one generated kernel per loop, C++ on CPUs and Triton on
+GPUs; compiled once per process and reused for every shape)."""
+
+_COMPILED: dict = {}
+
+
+def _loop(fn, kernel: str):
+    """``fn`` itself, or its compiled version for ``kernel="compiled"`` (made once)."""
+    if kernel == "eager" or torch.compiler.is_compiling():  # an outer compile traces fn
+        return fn
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown neuron kernel {kernel!r}; choose one of {KERNELS}")
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn]
+
+
 class MultiStepNeuronFunction(torch.autograd.Function):
     """``x_seq [T, ...] -> (spikes [T, ...], last membrane [...])`` for an IF/LIF neuron whose
     membrane starts at rest; the last membrane carries no gradient."""
 
     @staticmethod
-    def forward(ctx, x_seq, threshold, surrogate, tau, reset, v_reset, detach_reset, decay_input):
-        spikes, v, h_seq = _forward_loop(x_seq, threshold, tau, reset, v_reset, decay_input, True)
+    def forward(
+        ctx, x_seq, threshold, surrogate, tau, reset, v_reset, detach_reset, decay_input, kernel
+    ):
+        spikes, v, h_seq = _loop(_forward_loop, kernel)(
+            _membrane_dtype(x_seq), threshold, tau, reset, v_reset, decay_input, True
+        )
         ctx.save_for_backward(h_seq)
-        ctx.settings = (threshold, surrogate, tau, reset, v_reset, detach_reset, decay_input)
+        ctx.settings = (
+            threshold,
+            surrogate.grad_fn,
+            surrogate.resolved_width,
+            tau,
+            reset,
+            v_reset,
+            detach_reset,
+            decay_input,
+        )
+        ctx.kernel = kernel
+        ctx.input_dtype = x_seq.dtype
         ctx.mark_non_differentiable(v)
-        return spikes, v
+        return spikes.to(x_seq.dtype), v
 
     @staticmethod
     def backward(ctx, grad_spikes, _grad_last_v):
         (h_seq,) = ctx.saved_tensors
-        return (_backward(h_seq, grad_spikes, *ctx.settings),) + (None,) * 7
+        grad_spikes = grad_spikes.to(h_seq.dtype)
+        grad_x = _loop(_backward, ctx.kernel)(h_seq, grad_spikes, *ctx.settings)
+        return (grad_x.to(ctx.input_dtype),) + (None,) * 8
 
 
 def _backward(
-    h_seq, grad_spikes, threshold, surrogate, tau, reset, v_reset, detach_reset, decay_input
+    h_seq, grad_spikes, threshold, slope_fn, width, tau, reset, v_reset, detach_reset, decay_input
 ):
-    """``dL/dx_seq`` from the pre-spike membranes and ``dL/dspikes``.
+    """``dL/dx_seq`` from the pre-spike membranes and ``dL/dspikes``; ``slope_fn(u, width)`` is
+    the surrogate derivative.
 
     With ``h_t = a v_{t-1} + b x_t``, spikes ``s_t = H(h_t - threshold)`` (surrogate slope
     ``g_t``) and the reset ``v_t = r(h_t, s_t)``, the gradient ``G_t = dL/dh_t`` obeys
@@ -94,7 +131,7 @@ def _backward(
         a, b = 1.0, 1.0
     else:
         a, b = 1.0 - 1.0 / tau, (1.0 / tau if decay_input else 1.0)
-    slope = surrogate.grad(h_seq - threshold)
+    slope = slope_fn(h_seq - threshold, width)
     if reset == "hard":  # r = h (1 - s) + v_reset s
         c = 1.0 - _fire(h_seq, threshold)
         if not detach_reset and v_reset == 0.0:  # dr/ds = v_reset - h
@@ -121,12 +158,23 @@ def multistep_neuron(
     v_reset: float = 0.0,
     detach_reset: bool = False,
     decay_input: bool = True,
+    kernel: str = "eager",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Spikes ``[T, ...]`` of a neuron layer driven by ``x_seq [T, ...]`` (one autograd node)
-    and the membrane after the last step."""
+    and the membrane after the last step; ``kernel`` is one of :data:`KERNELS`. Spikes have
+    the input's dtype; 16-bit input is integrated in float32."""
     if torch.is_grad_enabled() and x_seq.requires_grad:
         return MultiStepNeuronFunction.apply(
-            x_seq, threshold, surrogate, tau, reset, v_reset, detach_reset, decay_input
+            x_seq, threshold, surrogate, tau, reset, v_reset, detach_reset, decay_input, kernel
         )
-    spikes, v, _ = _forward_loop(x_seq, threshold, tau, reset, v_reset, decay_input, False)
-    return spikes, v
+    loop = _loop(_forward_loop, kernel)
+    spikes, v, _ = loop(_membrane_dtype(x_seq), threshold, tau, reset, v_reset, decay_input, False)
+    return spikes.to(x_seq.dtype), v
+
+
+def _membrane_dtype(x_seq: torch.Tensor) -> torch.Tensor:
+    """The input in the precision the membrane integrates in: float32 for 16-bit input (bf16
+    autocast), whose 8-bit mantissa could not resolve a threshold moved by 0.3 %."""
+    if x_seq.dtype in (torch.float16, torch.bfloat16):
+        return x_seq.float()
+    return x_seq

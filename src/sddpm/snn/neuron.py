@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .fused import multistep_neuron
+from .fused import KERNELS, multistep_neuron
 from .surrogate import Surrogate
 
 RESET_MODES = ("hard", "soft")
@@ -71,6 +71,8 @@ class SpikingNeuron(nn.Module):
         decay_input: LIF only: the input is divided by tau too (spikingjelly's default).
         fused: run all time steps as one autograd node that keeps only the pre-spike membrane
             for the backward pass (:mod:`sddpm.snn.fused`); ``False`` records every step.
+        kernel: how the fused step loops run: ``"eager"`` or ``"compiled"`` (``torch.compile``;
+            see :data:`sddpm.snn.fused.KERNELS` and :func:`set_neuron_kernel`).
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class SpikingNeuron(nn.Module):
         surrogate: Surrogate | None = None,
         decay_input: bool = True,
         fused: bool = True,
+        kernel: str = "eager",
     ) -> None:
         super().__init__()
         if reset not in RESET_MODES:
@@ -99,6 +102,9 @@ class SpikingNeuron(nn.Module):
         self.surrogate = surrogate or Surrogate()
         self.decay_input = decay_input
         self.fused = fused
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown neuron kernel {kernel!r}; choose one of {KERNELS}")
+        self.kernel = kernel
         self.last_v: torch.Tensor | None = None
 
     def settings(self) -> dict:
@@ -116,7 +122,7 @@ class SpikingNeuron(nn.Module):
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         """``x_seq`` is ``[T, B, ...]``; returns spikes of the same shape (0.0 or 1.0)."""
         if self.fused:
-            spikes, v = multistep_neuron(x_seq, **self.settings())
+            spikes, v = multistep_neuron(x_seq, **self.settings(), kernel=self.kernel)
             self.last_v = v
             return spikes
         return self.step_by_step(x_seq)
@@ -142,3 +148,14 @@ class SpikingNeuron(nn.Module):
             f"detach_reset={self.detach_reset}, surrogate={self.surrogate.kind}"
             f"({self.surrogate.resolved_width})"
         )
+
+
+def set_neuron_kernel(model: nn.Module, kernel: str) -> int:
+    """Run every :class:`SpikingNeuron` in ``model`` with ``kernel`` (``"eager"`` or
+    ``"compiled"``); returns how many neurons were set. The results are the same either way."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown neuron kernel {kernel!r}; choose one of {KERNELS}")
+    neurons = [m for m in model.modules() if isinstance(m, SpikingNeuron)]
+    for m in neurons:
+        m.kernel = kernel
+    return len(neurons)

@@ -81,6 +81,11 @@ class Surrogate:
     def __call__(self, u: torch.Tensor) -> torch.Tensor:
         return _SurrogateSpike.apply(u, _GRADS[self.kind], self.resolved_width)
 
+    @property
+    def grad_fn(self):
+        """The derivative as a plain function ``grad_fn(u, width)`` (see :meth:`grad`)."""
+        return _GRADS[self.kind]
+
     def grad(self, u: torch.Tensor) -> torch.Tensor:
         """The analytic surrogate derivative at ``u`` (what backward multiplies by)."""
         return _GRADS[self.kind](u, self.resolved_width)
