@@ -10,7 +10,8 @@ directory alone. Sections:
   ``image_size``;
 - :class:`DiffusionSettings`: the noise schedule and what the model predicts;
 - :class:`OptimSettings`: Adam, linear warm-up, gradient clipping, EMA decay;
-- :class:`TrainSettings`: batch, steps, checkpoints, samples, seed, device, compile, bf16, SyncBN.
+- :class:`TrainSettings`: batch, steps, checkpoints, samples, seed, device, compile, neuron
+  kernel, bf16, SyncBN.
 
 Any setting can be changed with :meth:`RunConfig.override` from ``"key=value"`` strings: ``key``
 is ``section.field`` (``optim.lr``), a field name unique across sections (``lr``,
@@ -132,6 +133,7 @@ class TrainSettings:
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     threads: int | None = None  # torch CPU threads per process; None: torch's default
     compile: bool = False  # torch.compile the model
+    neuron_kernel: str = "eager"  # spiking neurons' step loops: "eager" or "compiled"
     bf16: bool = True  # bfloat16 autocast, on CUDA only (ignored on the CPU)
     sync_bn: bool = False  # SyncBatchNorm under DDP (CUDA only): BN statistics over all ranks
 
@@ -181,6 +183,7 @@ class RunConfig:
         """Raise ``ValueError`` listing every inconsistent setting."""
         from .data import dataset_info
         from .diffusion import PREDICTIONS, SAMPLERS
+        from .snn import KERNELS
 
         problems: list[str] = []
         try:
@@ -224,6 +227,10 @@ class RunConfig:
                 problems.append(f"train.{name} must be >= 0, got {getattr(t, name)}")
         if t.threads is not None and t.threads < 1:
             problems.append(f"train.threads must be >= 1 or null, got {t.threads}")
+        if t.neuron_kernel not in KERNELS:
+            problems.append(
+                f"train.neuron_kernel must be one of {KERNELS}, got {t.neuron_kernel!r}"
+            )
         if t.sampler not in SAMPLERS:
             problems.append(f"train.sampler must be one of {SAMPLERS}, got {t.sampler!r}")
         if t.batch_size % max(1, t.grad_accum):

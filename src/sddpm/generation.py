@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from .diffusion import NoiseSchedule, initial_noise, sample
 from .models import find_model_dir, fold_batchnorm, load_pretrained, read_config
 from .models.unet import UNet
+from .snn import set_neuron_kernel
 
 
 @dataclass
@@ -70,6 +71,9 @@ def generate_batches(
     progress: bool = True,
     desc: str | None = None,
     fold_bn: bool = True,
+    neuron_kernel: str | None = None,
+    bf16: bool = False,
+    compile_model: bool = False,
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Yield ``(image indices, images [b, C, H, W] in [-1, 1] on device)`` batch by batch for
     image indices ``range(N)`` or the given global indices; a tqdm bar shows images/s and ETA.
@@ -77,29 +81,41 @@ def generate_batches(
     With ``fold_bn`` a U-Net samples through one copy with BatchNorm folded into its convs
     (:func:`sddpm.models.fold_batchnorm`), made once: the same function, fewer passes over
     memory. Pass ``fold_bn=False`` to sample with ``model`` itself (e.g. one already folded
-    and carrying measurement hooks)."""
+    and carrying measurement hooks).
+
+    Speed options: ``neuron_kernel`` (``"eager"`` or ``"compiled"``, see
+    :func:`sddpm.snn.set_neuron_kernel`; set on the folded copy, or on ``model`` itself when
+    ``fold_bn=False``), ``bf16`` (bfloat16 autocast of the U-Net; the membranes still
+    integrate in float32 and the sampler's arithmetic stays float32) and ``compile_model``
+    (``torch.compile`` of the network)."""
     idx = list(range(indices)) if isinstance(indices, int) else [int(i) for i in indices]
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if fold_bn and isinstance(model, UNet):
         model = fold_batchnorm(model.eval())
+    if neuron_kernel is not None:
+        set_neuron_kernel(model, neuron_kernel)
+    if compile_model:
+        model = torch.compile(model)
+    device_type = torch.device(device).type
     bar = tqdm(total=len(idx), unit="img", desc=desc or sampler, disable=not progress)
     try:
         for start in range(0, len(idx), batch_size):
             chunk = idx[start : start + batch_size]
             x_T = initial_noise(chunk, image_shape, seed, device=device)
-            x0 = sample(
-                model,
-                x_T,
-                sampler=sampler,
-                steps=steps,
-                eta=eta,
-                threshold=threshold,
-                seed=seed,
-                schedule=schedule,
-                indices=chunk,
-                prediction=prediction,
-            )
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+                x0 = sample(
+                    model,
+                    x_T,
+                    sampler=sampler,
+                    steps=steps,
+                    eta=eta,
+                    threshold=threshold,
+                    seed=seed,
+                    schedule=schedule,
+                    indices=chunk,
+                    prediction=prediction,
+                )
             yield chunk, x0
             bar.update(len(chunk))
     finally:

@@ -104,3 +104,25 @@ def test_run_directory_without_checkpoint(tmp_path):
         app, ["sample", "--run", str(tmp_path), "--out", str(tmp_path / "x.png")]
     )
     assert result.exit_code == 2 and "holds no checkpoint" in result.output
+
+
+def test_speed_options_keep_the_images(model_dir, tmp_path):
+    """--neuron-kernel compiled gives the same images; --bf16 nearly the same (the U-Net in
+    bfloat16, membranes and sampler in float32); a bad kernel name is refused."""
+    runner = CliRunner()
+    base = ["sample", "--checkpoint", str(model_dir), "--num", "4", "--steps", "3"]
+    outputs = {}
+    for name, extra in {
+        "eager": [],
+        "compiled": ["--neuron-kernel", "compiled"],
+        "bf16": ["--bf16"],
+    }.items():
+        out = tmp_path / f"{name}.npz"
+        result = runner.invoke(app, [*base, *extra, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        outputs[name] = np.load(out)["images"].astype(np.int16)
+    assert np.array_equal(outputs["compiled"], outputs["eager"])
+    diff = np.abs(outputs["bf16"] - outputs["eager"])
+    assert diff.max() <= 4 and not np.array_equal(outputs["bf16"], outputs["eager"])
+    bad = runner.invoke(app, [*base, "--neuron-kernel", "cuda", "--out", str(tmp_path / "x.npz")])
+    assert bad.exit_code != 0 and "kernel" in bad.output

@@ -37,6 +37,13 @@ def sample_command(
     batch_size: int = BATCH_SIZE_OPTION,
     weights: str | None = WEIGHTS_OPTION,
     device: str = DEVICE_OPTION,
+    neuron_kernel: str = typer.Option(
+        "eager", "--neuron-kernel", help="eager or compiled (torch.compile of the neuron loops)."
+    ),
+    bf16: bool = typer.Option(
+        False, "--bf16", help="bfloat16 autocast of the U-Net (GPUs; membranes stay float32)."
+    ),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the U-Net."),
 ) -> None:
     """Generate images and write a PNG grid or an .npz array ``images`` [N, H, W, C] uint8."""
     from ..generation import generate, load_for_sampling
@@ -63,6 +70,9 @@ def sample_command(
             schedule=setup.schedule,
             prediction=setup.prediction,
             device=device,
+            neuron_kernel=neuron_kernel,
+            bf16=bf16,
+            compile_model=compile_model,
         )
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))

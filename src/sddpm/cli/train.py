@@ -55,6 +55,9 @@ def train_command(
     compile_model: bool | None = typer.Option(
         None, "--compile/--no-compile", help="torch.compile the model."
     ),
+    neuron_kernel: str | None = typer.Option(
+        None, "--neuron-kernel", help="eager or compiled (torch.compile of the neuron loops)."
+    ),
     overrides: list[str] | None = typer.Option(None, "--set", help=_SET_HELP),
     force: bool = typer.Option(
         False, "--force", help="Start afresh in an --out directory that already holds a run."
@@ -91,6 +94,7 @@ def train_command(
         "train.device": device,
         "train.threads": threads,
         "train.compile": compile_model,
+        "train.neuron_kernel": neuron_kernel,
     }
     try:
         if resume is not None:

@@ -40,6 +40,7 @@ from ..diffusion import draw_t_and_noise, initial_noise, sample, training_loss
 from ..images import save_grid
 from ..models import build_model
 from ..models.checkpoint import WEIGHT_FILES, load_state_into
+from ..snn import set_neuron_kernel
 from .checkpoint import (
     METRICS_NAME,
     SAMPLES_DIR,
@@ -245,6 +246,7 @@ def _train(
     # -- model, optimiser, EMA: the same initial weights on every rank
     torch.manual_seed(tcfg.seed)
     model = build_model(unet_cfg)
+    set_neuron_kernel(model, tcfg.neuron_kernel)
     if tcfg.sync_bn and world > 1:
         if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -361,6 +363,7 @@ def _train(
         nonlocal sample_model
         if sample_model is None:
             sample_model = build_model(unet_cfg).to(device)
+            set_neuron_kernel(sample_model, tcfg.neuron_kernel)
         sample_model.load_state_dict(ema.state_dict())
         sample_model.eval()
         x_T = initial_noise(tcfg.num_samples, shape, seed=tcfg.seed, device=device)
