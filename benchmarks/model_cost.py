@@ -9,6 +9,8 @@ For one preset and batch, both models are built from the same config and measure
   disturb wall time far more than CPU time); on a GPU, wall seconds between synchronisations.
   The two models are timed alternately, ``--repeats`` times each after a warm-up, and the best
   (least disturbed) run is reported, the median beside it in the JSON;
+- **allocator**: on the CPU, freed memory is kept for reuse (``sddpm.runtime``), as
+  ``sddpm train`` does on CPUs, when this version of sddpm has it;
 - **memory**: peak RSS of a fresh process that builds the model and optimiser and runs one
   training step (``VmHWM``; the step's own share is the peak minus the RSS before the step), or
   ``torch.cuda.max_memory_allocated`` on a GPU; and the MiB autograd keeps for the backward
@@ -199,8 +201,15 @@ def main() -> None:
     args = ap.parse_args()
     args.argv = [a for a in sys.argv[1:] if a not in ("--no-save",)]
     device = torch.device(args.device)
+    retained = False
     if device.type == "cpu":
         torch.set_num_threads(1)
+        try:  # as CPU training does (sddpm.runtime); absent in old versions
+            from sddpm.runtime import retain_freed_memory
+
+            retained = retain_freed_memory()
+        except ImportError:
+            pass
     if args.memory_probe:
         print(json.dumps(memory_probe(args, args.memory_probe)))
         return
@@ -249,11 +258,13 @@ def main() -> None:
     if "peak_mib" in sp and "peak_mib" in an:
         ratios["peak_memory"] = sp["peak_mib"] / an["peak_mib"]
         ratios["step_memory"] = sp["step_mib"] / an["step_mib"]
-    commit = subprocess.run(
+    import sddpm
+
+    commit = subprocess.run(  # of the sddpm measured (PYTHONPATH may point at another checkout)
         ["git", "rev-parse", "--short", "HEAD"],
         capture_output=True,
         text=True,
-        cwd=Path(__file__).parent,
+        cwd=Path(sddpm.__file__).parent,
     ).stdout.strip()
     record = {
         "benchmark": "model_cost",
@@ -267,6 +278,7 @@ def main() -> None:
         "machine": machine(device),
         "threads": torch.get_num_threads(),
         "bf16": args.bf16,
+        "retain_freed_memory": retained,
         "repeats": args.repeats,
         "torch": torch.__version__,
         "dense_conv_gflops": reference,

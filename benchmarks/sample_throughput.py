@@ -30,6 +30,7 @@ import torch
 
 from sddpm.diffusion import initial_noise, sample
 from sddpm.models import build_model, fold_batchnorm, preset
+from sddpm.snn import set_neuron_kernel
 
 RESULTS = Path(__file__).with_name("results.jsonl")
 PLAN = [
@@ -70,6 +71,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--max-calls", type=int, default=120, help="run samplers up to this")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--neuron-kernel", default="eager", help="eager or compiled")
+    ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast of the U-Net")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -80,15 +83,21 @@ def main() -> None:
             cfg = preset(name, kind)
             batch = args.batch or (64 if name == "digits" else 8)
             model = fold_batchnorm(build_model(cfg).eval()).to(args.device)
+            set_neuron_kernel(model, args.neuron_kernel)
             shape = (cfg.image_channels, cfg.image_size, cfg.image_size)
             x = initial_noise(batch, shape, 0, device=args.device)
             t = torch.full((batch,), 500, device=args.device)
-            call_s, call_cpu = time_calls(model, x, t, args.repeats, args.device)
+            autocast = torch.autocast(
+                torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.bf16
+            )
+            with autocast:
+                call_s, call_cpu = time_calls(model, x, t, args.repeats, args.device)
             for sampler, steps in PLAN:
                 if steps <= args.max_calls:
                     sync(args.device)
                     w0 = time.perf_counter()
-                    sample(model, x, sampler=sampler, steps=steps)
+                    with autocast:
+                        sample(model, x, sampler=sampler, steps=steps)
                     sync(args.device)
                     seconds, how = time.perf_counter() - w0, "measured"
                 else:
@@ -110,6 +119,8 @@ def main() -> None:
                         "images_per_s": round(batch / seconds, 4),
                         "how": how,
                         "threads": torch.get_num_threads(),
+                        "neuron_kernel": args.neuron_kernel,
+                        "bf16": args.bf16,
                         "machine": platform.processor() or platform.machine(),
                     }
                 )

@@ -9,6 +9,10 @@ seconds per update (robust to other processes sharing the cores). Each row is ap
 
     .venv/bin/python benchmarks/train_throughput.py                       # digits + cifar10
     .venv/bin/python benchmarks/train_throughput.py --presets cifar10 --device cuda --batch 128
+    .venv/bin/python benchmarks/train_throughput.py --presets cifar10 --device cuda --batch 128 \
+        --neuron-kernel compiled         # the neuron loops as generated (Triton) kernels
+
+The last column projects the time of ``--project-steps`` updates (the paper's 500k).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 from sddpm.config import run_preset
 from sddpm.diffusion import draw_t_and_noise, training_loss
 from sddpm.models import build_model, count_parameters
+from sddpm.snn import set_neuron_kernel
 from sddpm.training import EMA, build_optimizer, trainable_parameters
 
 RESULTS = Path(__file__).with_name("results.jsonl")
@@ -44,6 +49,7 @@ def bench(preset: str, kind: str, batch: int, device: torch.device, args) -> dic
     schedule = config.diffusion.build()
     torch.manual_seed(0)
     model = build_model(unet).to(device).train()
+    set_neuron_kernel(model, args.neuron_kernel)
     optimizer, scheduler = build_optimizer(model, config.optim)
     ema = EMA(model, config.optim.ema_decay)
     params = trainable_parameters(model)
@@ -90,6 +96,7 @@ def bench(preset: str, kind: str, batch: int, device: torch.device, args) -> dic
         "threads": torch.get_num_threads(),
         "bf16": bf16,
         "compile": bool(args.compile),
+        "neuron_kernel": args.neuron_kernel,
         "warmup": args.warmup,
         "steps": args.steps,
         "repeats": args.repeats,
@@ -97,6 +104,8 @@ def bench(preset: str, kind: str, batch: int, device: torch.device, args) -> dic
         "s_per_step_all": walls,
         "cpu_s_per_step": statistics.median(cpus),
         "images_per_s": batch / wall,
+        "projected_days": wall * args.project_steps / 86400,
+        "project_steps": args.project_steps,
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30
         if device.type == "cuda"
         else None,
@@ -115,7 +124,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="default 10 (1 for 32x32+ on CPU)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--neuron-kernel", default="eager", help="eager or compiled")
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
+    ap.add_argument("--project-steps", type=int, default=500_000, help="the paper's 500k")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
     if args.threads:
@@ -140,13 +151,16 @@ def main() -> None:
                 with open(RESULTS, "a") as f:
                     f.write(json.dumps(row) + "\n")
     print()
-    print("| preset | model | batch | device | threads | ms / step | images / s | CPU ms / step |")
-    print("| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |")
+    print(
+        "| preset | model | batch | device | threads | ms / step | images / s | CPU ms / step "
+        f"| {args.project_steps:,} steps, days |"
+    )
+    print("| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(
             f"| {r['preset']} | {r['kind']} | {r['batch']} | {r['device']} | {r['threads']} | "
             f"{r['s_per_step'] * 1e3:.1f} | {r['images_per_s']:.1f} | "
-            f"{r['cpu_s_per_step'] * 1e3:.1f} |"
+            f"{r['cpu_s_per_step'] * 1e3:.1f} | {r['projected_days']:.3g} |"
         )
 
 

@@ -134,6 +134,7 @@ class TrainSettings:
     threads: int | None = None  # torch CPU threads per process; None: torch's default
     compile: bool = False  # torch.compile the model
     neuron_kernel: str = "eager"  # spiking neurons' step loops: "eager" or "compiled"
+    retain_cpu_memory: bool = True  # CPU: malloc keeps freed memory (sddpm.runtime)
     bf16: bool = True  # bfloat16 autocast, on CUDA only (ignored on the CPU)
     sync_bn: bool = False  # SyncBatchNorm under DDP (CUDA only): BN statistics over all ranks
 

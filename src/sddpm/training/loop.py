@@ -40,6 +40,7 @@ from ..diffusion import draw_t_and_noise, initial_noise, sample, training_loss
 from ..images import save_grid
 from ..models import build_model
 from ..models.checkpoint import WEIGHT_FILES, load_state_into
+from ..runtime import retain_freed_memory
 from ..snn import set_neuron_kernel
 from .checkpoint import (
     METRICS_NAME,
@@ -210,6 +211,8 @@ def _train(
     shape = (unet_cfg.image_channels, unet_cfg.image_size, unet_cfg.image_size)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    elif tcfg.retain_cpu_memory:
+        retain_freed_memory()  # no page faults for the large activations of every step
 
     # -- data (rank 0 downloads first, the others then read the files)
     def make_dataset(download: bool):
