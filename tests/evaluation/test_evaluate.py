@@ -422,3 +422,20 @@ def test_bad_inputs_fail_clearly_and_write_nothing(model_dir, digits_stats, tmp_
                       "--out", tmp_path / "s.npz"])  # fmt: skip
     assert result.exit_code == 2 and "at least 2 images" in result.output
     assert not (tmp_path / "s.npz").exists()
+
+
+def test_evaluate_cli_compiled_neuron_kernel_gives_the_same_numbers(
+    model_dir, digits_stats, tmp_path
+):
+    args = ["evaluate", "--run", model_dir, "--num", 6, "--steps", 2, "--batch-size", 3]
+    args += ["--stats", digits_stats, "--features", "digits"]
+    scores = {}
+    for kernel in ("eager", "compiled"):
+        out = tmp_path / f"{kernel}.json"
+        result = run_cli([*args, "--neuron-kernel", kernel, "--out", out])
+        assert result.exit_code == 0, result.output
+        m = json.loads(out.read_text())
+        scores[kernel] = (m["proxy_fid"], m["proxy_inception_score"], m["digits_report"])
+    assert scores["compiled"] == scores["eager"]
+    bad = run_cli([*args, "--neuron-kernel", "fast", "--out", tmp_path / "x.json"])
+    assert bad.exit_code != 0 and "kernel" in bad.output

@@ -15,6 +15,7 @@ from ._app import (
     CHECKPOINT_OPTION,
     DEVICE_OPTION,
     ETA_OPTION,
+    NEURON_KERNEL_OPTION,
     RUN_OPTION,
     SAMPLER_OPTION,
     SEED_OPTION,
@@ -149,6 +150,7 @@ def evaluate_command(
     kid_num: int | None = typer.Option(None, "--kid-num", help="Images of --kid-dataset."),
     is_splits: int = typer.Option(10, "--is-splits", help="Inception Score splits."),
     device: str = DEVICE_OPTION,
+    neuron_kernel: str = NEURON_KERNEL_OPTION,
 ) -> None:
     """Generate N images and write FID, IS and KID with the settings to a JSON file."""
     from ..evaluation.evaluate import (
@@ -161,6 +163,7 @@ def evaluate_command(
     from ..generation import load_for_sampling
     from ..io import write_json
     from ..models import find_model_dir
+    from ..snn import set_neuron_kernel
 
     source = resolve_source(run, checkpoint)
     _check_features(features)
@@ -173,6 +176,7 @@ def evaluate_command(
             check_stats_file(stats, features)
             model_dir = find_model_dir(source)
             setup = load_for_sampling(model_dir, weights=weights, device=dev)
+            set_neuron_kernel(setup.model, neuron_kernel)
             net = FeatureNetwork.load(features, inception_weights=inception_weights, device=dev)
             result = evaluate_model(
                 setup,
@@ -230,6 +234,7 @@ def sweep_threshold_command(
     inception_weights: Path | None = typer.Option(None, "--inception-weights"),
     is_splits: int = typer.Option(10, "--is-splits", help="Inception Score splits."),
     device: str = DEVICE_OPTION,
+    neuron_kernel: str = NEURON_KERNEL_OPTION,
 ) -> None:
     """Evaluate several threshold-guidance values with the same seeds; mark the best."""
     from ..evaluation.evaluate import (
@@ -242,6 +247,7 @@ def sweep_threshold_command(
     )
     from ..generation import load_for_sampling
     from ..models import find_model_dir
+    from ..snn import set_neuron_kernel
 
     source = resolve_source(run, checkpoint)
     if metric not in SWEEP_METRICS:
@@ -260,6 +266,7 @@ def sweep_threshold_command(
             check_stats_file(stats, features)
             model_dir = find_model_dir(source)
             setup = load_for_sampling(model_dir, weights=weights, device=dev)
+            set_neuron_kernel(setup.model, neuron_kernel)
             net = FeatureNetwork.load(features, inception_weights=inception_weights, device=dev)
             result = sweep_threshold(
                 setup,

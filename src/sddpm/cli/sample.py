@@ -11,6 +11,7 @@ from ._app import (
     CHECKPOINT_OPTION,
     DEVICE_OPTION,
     ETA_OPTION,
+    NEURON_KERNEL_OPTION,
     RUN_OPTION,
     SAMPLER_OPTION,
     SEED_OPTION,
@@ -37,9 +38,7 @@ def sample_command(
     batch_size: int = BATCH_SIZE_OPTION,
     weights: str | None = WEIGHTS_OPTION,
     device: str = DEVICE_OPTION,
-    neuron_kernel: str = typer.Option(
-        "eager", "--neuron-kernel", help="eager or compiled (torch.compile of the neuron loops)."
-    ),
+    neuron_kernel: str = NEURON_KERNEL_OPTION,
     bf16: bool = typer.Option(
         False, "--bf16", help="bfloat16 autocast of the U-Net (GPUs; membranes stay float32)."
     ),
