@@ -5,10 +5,11 @@ flips through float rounding would move an element further; we allow at most
 MAX_FLIPPED_ELEMENTS such elements of the 768 (measured here: 0).
 """
 
+import pytest
 import torch
 
 from sddpm.compat import to_published
-from sddpm.snn import get_thresholds, override_threshold
+from sddpm.snn import KERNELS, get_thresholds, override_threshold, set_neuron_kernel
 
 MAX_FLIPPED_ELEMENTS = 2
 ATOL = 1e-5
@@ -29,8 +30,10 @@ def test_eval_output(published_model, reference):
     assert_output_matches(out, t["output.eval"])
 
 
-def test_eval_output_with_threshold_guidance(published_model, reference):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_eval_output_with_threshold_guidance(published_model, reference, kernel):
     t, meta = reference
+    set_neuron_kernel(published_model, kernel)
     scale = 1.1
     assert '"threshold_scale": 1.1' in meta["config"]
     with torch.no_grad(), override_threshold(published_model, scale):
@@ -41,9 +44,11 @@ def test_eval_output_with_threshold_guidance(published_model, reference):
     assert (t["output.eval_threshold_scaled"] - t["output.eval"]).abs().max() > 1e-3
 
 
-def test_train_output_and_every_gradient(published_model, reference):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_train_output_and_every_gradient(published_model, reference, kernel):
     t, _ = reference
     model = published_model.train()
+    set_neuron_kernel(model, kernel)
     out = model(t["input.x"], t["input.t"])
     assert_output_matches(out, t["output.train"])
     weights = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
