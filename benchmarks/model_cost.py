@@ -129,8 +129,9 @@ def timer(device: torch.device):
     return time.process_time
 
 
-def dense_conv_gflops(device: torch.device) -> float:
-    """This machine's dense fp32 conv throughput: 3x3, 128 -> 128, 32x32, batch 32, fwd+bwd."""
+def dense_conv_gflops(device: torch.device, bf16: bool) -> float:
+    """This machine's dense conv throughput: 3x3, 128 -> 128, 32x32, batch 32, fwd+bwd, in
+    float32 or under the same bf16 autocast as the models."""
     x = torch.randn(32, 128, 32, 32, device=device)
     w = torch.randn(128, 128, 3, 3, device=device, requires_grad=True)
     x.requires_grad_()
@@ -138,7 +139,9 @@ def dense_conv_gflops(device: torch.device) -> float:
     now, best = timer(device), float("inf")
     for _ in range(4):
         t0 = now()
-        F.conv2d(x, w, padding=1).sum().backward()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            y = F.conv2d(x, w, padding=1)
+        y.float().sum().backward()
         best = min(best, now() - t0)
     return flops / best / 1e9
 
@@ -227,7 +230,7 @@ def main() -> None:
                 t0 = now()
                 fn()
                 times.setdefault((k, what), []).append(now() - t0)
-    reference = dense_conv_gflops(device)
+    reference = dense_conv_gflops(device, args.bf16)
     rows = {}
     for k in kinds:
         s = setups[k]

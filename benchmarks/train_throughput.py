@@ -31,6 +31,7 @@ import torch
 from sddpm.config import run_preset
 from sddpm.diffusion import draw_t_and_noise, training_loss
 from sddpm.models import build_model, count_parameters
+from sddpm.runtime import retain_freed_memory
 from sddpm.snn import set_neuron_kernel
 from sddpm.training import EMA, build_optimizer, trainable_parameters
 
@@ -132,6 +133,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cpu":
+        retain_freed_memory()  # as sddpm train does on CPUs
     rows = []
     for preset in args.presets.split(","):
         big = device.type == "cpu" and preset != "digits"
