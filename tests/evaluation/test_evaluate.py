@@ -424,18 +424,26 @@ def test_bad_inputs_fail_clearly_and_write_nothing(model_dir, digits_stats, tmp_
     assert not (tmp_path / "s.npz").exists()
 
 
-def test_evaluate_cli_compiled_neuron_kernel_gives_the_same_numbers(
-    model_dir, digits_stats, tmp_path
-):
+def test_evaluate_cli_speed_options(model_dir, digits_stats, tmp_path):
+    """--neuron-kernel compiled gives the same numbers; --bf16 nearly the same, and says so."""
     args = ["evaluate", "--run", model_dir, "--num", 6, "--steps", 2, "--batch-size", 3]
     args += ["--stats", digits_stats, "--features", "digits"]
-    scores = {}
-    for kernel in ("eager", "compiled"):
-        out = tmp_path / f"{kernel}.json"
-        result = run_cli([*args, "--neuron-kernel", kernel, "--out", out])
+    scores, flags = {}, {}
+    for name, extra in {
+        "eager": [],
+        "compiled": ["--neuron-kernel", "compiled"],
+        "bf16": ["--bf16"],
+    }.items():
+        out = tmp_path / f"{name}.json"
+        result = run_cli([*args, *extra, "--out", out])
         assert result.exit_code == 0, result.output
         m = json.loads(out.read_text())
-        scores[kernel] = (m["proxy_fid"], m["proxy_inception_score"], m["digits_report"])
+        scores[name] = (m["proxy_fid"], m["proxy_inception_score"], m["digits_report"])
+        flags[name] = m["bf16"]
     assert scores["compiled"] == scores["eager"]
+    assert flags == {"eager": False, "compiled": False, "bf16": True}
+    # bf16 changes the images a little (1401.9 -> 1402.5 here), not the scoring
+    assert scores["bf16"][0] != scores["eager"][0]
+    assert scores["bf16"][0] == pytest.approx(scores["eager"][0], rel=0.01)
     bad = run_cli([*args, "--neuron-kernel", "fast", "--out", tmp_path / "x.json"])
     assert bad.exit_code != 0 and "kernel" in bad.output

@@ -51,6 +51,9 @@ SEED_OPTION = typer.Option(0, "--seed", help="Image i depends on (seed, i) only.
 BATCH_SIZE_OPTION = typer.Option(64, "--batch-size", help="Images per U-Net call.")
 WEIGHTS_OPTION = typer.Option(None, "--weights", help="model or ema (default: as saved).")
 DEVICE_OPTION = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ...")
+BF16_OPTION = typer.Option(
+    False, "--bf16", help="bfloat16 autocast of the U-Net (GPUs; membranes stay float32)."
+)
 NEURON_KERNEL_OPTION = typer.Option(
     "eager", "--neuron-kernel", help="eager or compiled (torch.compile of the neuron loops)."
 )

@@ -12,6 +12,7 @@ import typer
 
 from ._app import (
     BATCH_SIZE_OPTION,
+    BF16_OPTION,
     CHECKPOINT_OPTION,
     DEVICE_OPTION,
     ETA_OPTION,
@@ -151,6 +152,7 @@ def evaluate_command(
     is_splits: int = typer.Option(10, "--is-splits", help="Inception Score splits."),
     device: str = DEVICE_OPTION,
     neuron_kernel: str = NEURON_KERNEL_OPTION,
+    bf16: bool = BF16_OPTION,
 ) -> None:
     """Generate N images and write FID, IS and KID with the settings to a JSON file."""
     from ..evaluation.evaluate import (
@@ -197,6 +199,7 @@ def evaluate_command(
                 kid_num=kid_num,
                 checkpoint=model_dir.resolve(),
                 progress=rank == 0,
+                bf16=bf16,
             )
         except _ERRORS as err:
             fail(str(err))
@@ -235,6 +238,7 @@ def sweep_threshold_command(
     is_splits: int = typer.Option(10, "--is-splits", help="Inception Score splits."),
     device: str = DEVICE_OPTION,
     neuron_kernel: str = NEURON_KERNEL_OPTION,
+    bf16: bool = BF16_OPTION,
 ) -> None:
     """Evaluate several threshold-guidance values with the same seeds; mark the best."""
     from ..evaluation.evaluate import (
@@ -284,6 +288,7 @@ def sweep_threshold_command(
                 is_splits=is_splits,
                 checkpoint=model_dir.resolve(),
                 progress=rank == 0,
+                bf16=bf16,
             )
         except _ERRORS as err:
             fail(str(err))

@@ -8,6 +8,7 @@ import typer
 
 from ._app import (
     BATCH_SIZE_OPTION,
+    BF16_OPTION,
     CHECKPOINT_OPTION,
     DEVICE_OPTION,
     ETA_OPTION,
@@ -39,9 +40,7 @@ def sample_command(
     weights: str | None = WEIGHTS_OPTION,
     device: str = DEVICE_OPTION,
     neuron_kernel: str = NEURON_KERNEL_OPTION,
-    bf16: bool = typer.Option(
-        False, "--bf16", help="bfloat16 autocast of the U-Net (GPUs; membranes stay float32)."
-    ),
+    bf16: bool = BF16_OPTION,
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the U-Net."),
 ) -> None:
     """Generate images and write a PNG grid or an .npz array ``images`` [N, H, W, C] uint8."""

@@ -356,12 +356,14 @@ def generate_and_score(
     keep_features: bool = False,
     progress: bool = True,
     desc: str | None = None,
+    bf16: bool = False,
 ) -> SampleScores:
     """Generate this rank's images of ``range(num)`` and score them (not gathered).
 
     ``setup`` is a :class:`~sddpm.generation.SamplingSetup` (``load_for_sampling``). Images are
     generated ``batch_size`` at a time, mapped from [-1, 1] to [0, 1] and fed to ``net``; only
-    features and probabilities are kept. A tqdm bar (images/s, ETA) runs on rank 0.
+    features and probabilities are kept. A tqdm bar (images/s, ETA) runs on rank 0. ``bf16``
+    runs the U-Net (never the feature network) under bfloat16 autocast.
     """
     from ..generation import generate_batches
 
@@ -389,6 +391,7 @@ def generate_and_score(
         device=device,
         progress=progress and rank == 0,
         desc=desc or f"{sampler} {steps or ''}".strip(),
+        bf16=bf16,
     )
     for chunk, images in batches:
         _accumulate(net, _to_unit(images), chunk, parts)
@@ -800,13 +803,15 @@ def evaluate_model(
     kid_subset_size: int = 1000,
     checkpoint: str | os.PathLike | None = None,
     progress: bool = True,
+    bf16: bool = False,
 ) -> EvaluationResult:
     """Generate ``num`` images and score them against the reference ``stats`` file.
 
     Every input is checked before the first image is generated (``num >= 2``, ``threshold > 0``,
     sampler and steps, the stats file's feature size, the KID reference). Under DDP each rank
     generates ``range(num)[rank::world]`` and every rank returns the same merged result.
-    ``checkpoint`` is only recorded in the result.
+    ``checkpoint`` is only recorded in the result. ``bf16`` generates under bfloat16 autocast
+    (recorded in the result's settings: such scores are not float32 scores).
     """
     prep = _prepare(
         setup,
@@ -839,8 +844,10 @@ def evaluate_model(
         settings={
             "checkpoint": None if checkpoint is None else str(checkpoint),
             "stats": str(stats),
+            "bf16": bf16,
         },
         progress=progress,
+        bf16=bf16,
     )
 
 
@@ -862,6 +869,7 @@ def _evaluate_prepared(
     settings: dict[str, Any],
     progress: bool,
     desc: str | None = None,
+    bf16: bool = False,
 ) -> EvaluationResult:
     start = time.perf_counter()
     rank, world = rank_and_world()
@@ -881,6 +889,7 @@ def _evaluate_prepared(
         keep_features=prep.kid_features is not None,
         progress=progress,
         desc=desc,
+        bf16=bf16,
     )
     scores = shard.gather()
     m = metrics_from_scores(
@@ -1107,6 +1116,7 @@ def sweep_threshold(
     is_splits: int = 10,
     checkpoint: str | os.PathLike | None = None,
     progress: bool = True,
+    bf16: bool = False,
 ) -> SweepResult:
     """Evaluate every threshold in ``values`` with the same seeds (image ``i`` starts from the
     same noise for every value). ``metric`` ``"fid"`` needs the FID Inception, ``"proxy-fid"``
@@ -1137,6 +1147,7 @@ def sweep_threshold(
     settings = {
         "checkpoint": None if checkpoint is None else str(checkpoint),
         "stats": str(stats),
+        "bf16": bf16,
     }
     results = [
         _evaluate_prepared(
@@ -1156,6 +1167,7 @@ def sweep_threshold(
             settings=settings,
             progress=progress,
             desc=f"threshold {v:g}",
+            bf16=bf16,
         )
         for v in values
     ]
