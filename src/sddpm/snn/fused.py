@@ -66,12 +66,17 @@ GPUs; compiled once per process and reused for every shape)."""
 _COMPILED: dict = {}
 
 
-def _loop(fn, kernel: str):
-    """``fn`` itself, or its compiled version for ``kernel="compiled"`` (made once)."""
-    if kernel == "eager" or torch.compiler.is_compiling():  # an outer compile traces fn
-        return fn
+def check_kernel(kernel: str) -> str:
+    """``kernel`` if it is one of :data:`KERNELS`, else a ``ValueError`` naming the choices."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown neuron kernel {kernel!r}; choose one of {KERNELS}")
+    return kernel
+
+
+def _loop(fn, kernel: str):
+    """``fn`` itself, or its compiled version for ``kernel="compiled"`` (made once)."""
+    if check_kernel(kernel) == "eager" or torch.compiler.is_compiling():  # outer compile traces fn
+        return fn
     if fn not in _COMPILED:
         _COMPILED[fn] = torch.compile(fn, dynamic=True)
     return _COMPILED[fn]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .fused import KERNELS, multistep_neuron
+from .fused import check_kernel, multistep_neuron
 from .surrogate import Surrogate
 
 RESET_MODES = ("hard", "soft")
@@ -102,9 +102,7 @@ class SpikingNeuron(nn.Module):
         self.surrogate = surrogate or Surrogate()
         self.decay_input = decay_input
         self.fused = fused
-        if kernel not in KERNELS:
-            raise ValueError(f"unknown neuron kernel {kernel!r}; choose one of {KERNELS}")
-        self.kernel = kernel
+        self.kernel = check_kernel(kernel)
         self.last_v: torch.Tensor | None = None
 
     def settings(self) -> dict:
@@ -153,8 +151,7 @@ class SpikingNeuron(nn.Module):
 def set_neuron_kernel(model: nn.Module, kernel: str) -> int:
     """Run every :class:`SpikingNeuron` in ``model`` with ``kernel`` (``"eager"`` or
     ``"compiled"``); returns how many neurons were set. The results are the same either way."""
-    if kernel not in KERNELS:
-        raise ValueError(f"unknown neuron kernel {kernel!r}; choose one of {KERNELS}")
+    check_kernel(kernel)
     neurons = [m for m in model.modules() if isinstance(m, SpikingNeuron)]
     for m in neurons:
         m.kernel = kernel

@@ -79,7 +79,7 @@ class Surrogate:
         return float(_DEFAULT_WIDTH[self.kind] if self.width is None else self.width)
 
     def __call__(self, u: torch.Tensor) -> torch.Tensor:
-        return _SurrogateSpike.apply(u, _GRADS[self.kind], self.resolved_width)
+        return _SurrogateSpike.apply(u, self.grad_fn, self.resolved_width)
 
     @property
     def grad_fn(self):
@@ -88,4 +88,4 @@ class Surrogate:
 
     def grad(self, u: torch.Tensor) -> torch.Tensor:
         """The analytic surrogate derivative at ``u`` (what backward multiplies by)."""
-        return _GRADS[self.kind](u, self.resolved_width)
+        return self.grad_fn(u, self.resolved_width)
