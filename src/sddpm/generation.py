@@ -30,17 +30,22 @@ class SamplingSetup:
 
 
 def load_for_sampling(
-    path: str | os.PathLike, weights: str | None = None, device: str | torch.device = "cpu"
+    path: str | os.PathLike,
+    weights: str | None = None,
+    device: str | torch.device = "cpu",
+    neuron_kernel: str = "eager",
 ) -> SamplingSetup:
     """Load a model directory or a run directory's latest checkpoint, with its schedule.
 
     The schedule and prediction come from the checkpoint's ``diffusion`` config section
     (``{"schedule": {...}, "prediction": "eps" | "v"}``, as training writes it); a
     checkpoint without one (a converted published model) uses the published linear schedule
-    over the model's ``diffusion_steps``."""
+    over the model's ``diffusion_steps``. ``neuron_kernel`` is how its spiking neurons run
+    (:func:`sddpm.snn.set_neuron_kernel`; copies made for sampling keep it)."""
     model_dir = find_model_dir(path)
     config = read_config(model_dir)
     model = load_pretrained(model_dir, weights=weights).to(device)
+    set_neuron_kernel(model, neuron_kernel)
     diffusion = config.get("diffusion") or {}
     if "schedule" in diffusion:
         schedule = NoiseSchedule.from_dict(diffusion["schedule"])
@@ -71,7 +76,6 @@ def generate_batches(
     progress: bool = True,
     desc: str | None = None,
     fold_bn: bool = True,
-    neuron_kernel: str | None = None,
     bf16: bool = False,
     compile_model: bool = False,
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
@@ -83,18 +87,15 @@ def generate_batches(
     memory. Pass ``fold_bn=False`` to sample with ``model`` itself (e.g. one already folded
     and carrying measurement hooks).
 
-    Speed options: ``neuron_kernel`` (``"eager"`` or ``"compiled"``, see
-    :func:`sddpm.snn.set_neuron_kernel`; set on the folded copy, or on ``model`` itself when
-    ``fold_bn=False``), ``bf16`` (bfloat16 autocast of the U-Net; the membranes still
-    integrate in float32 and the sampler's arithmetic stays float32) and ``compile_model``
-    (``torch.compile`` of the network)."""
+    Speed options: ``bf16`` (bfloat16 autocast of the U-Net; the membranes still integrate in
+    float32 and the sampler's arithmetic stays float32) and ``compile_model`` (``torch.compile``
+    of the network). The neurons run with the model's own kernel
+    (:func:`sddpm.snn.set_neuron_kernel`, or ``load_for_sampling(neuron_kernel=...)``)."""
     idx = list(range(indices)) if isinstance(indices, int) else [int(i) for i in indices]
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if fold_bn and isinstance(model, UNet):
         model = fold_batchnorm(model.eval())
-    if neuron_kernel is not None:
-        set_neuron_kernel(model, neuron_kernel)
     if compile_model:
         model = torch.compile(model)
     device_type = torch.device(device).type

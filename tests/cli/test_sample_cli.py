@@ -126,3 +126,15 @@ def test_speed_options_keep_the_images(model_dir, tmp_path):
     assert diff.max() <= 4 and not np.array_equal(outputs["bf16"], outputs["eager"])
     bad = runner.invoke(app, [*base, "--neuron-kernel", "cuda", "--out", str(tmp_path / "x.npz")])
     assert bad.exit_code != 0 and "kernel" in bad.output
+
+
+def test_load_for_sampling_sets_the_neuron_kernel_and_folding_keeps_it(model_dir):
+    from sddpm.models import fold_batchnorm
+    from sddpm.snn import SpikingNeuron
+
+    setup = load_for_sampling(model_dir, neuron_kernel="compiled")
+    folded = fold_batchnorm(setup.model)  # the copy generate_batches samples with
+    kernels = {m.kernel for m in folded.modules() if isinstance(m, SpikingNeuron)}
+    assert kernels == {"compiled"}
+    with pytest.raises(ValueError, match="neuron kernel"):
+        load_for_sampling(model_dir, neuron_kernel="cuda")

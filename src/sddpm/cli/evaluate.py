@@ -165,7 +165,6 @@ def evaluate_command(
     from ..generation import load_for_sampling
     from ..io import write_json
     from ..models import find_model_dir
-    from ..snn import set_neuron_kernel
 
     source = resolve_source(run, checkpoint)
     _check_features(features)
@@ -177,8 +176,9 @@ def evaluate_command(
             check_threshold(threshold)
             check_stats_file(stats, features)
             model_dir = find_model_dir(source)
-            setup = load_for_sampling(model_dir, weights=weights, device=dev)
-            set_neuron_kernel(setup.model, neuron_kernel)
+            setup = load_for_sampling(
+                model_dir, weights=weights, device=dev, neuron_kernel=neuron_kernel
+            )
             net = FeatureNetwork.load(features, inception_weights=inception_weights, device=dev)
             result = evaluate_model(
                 setup,
@@ -251,7 +251,6 @@ def sweep_threshold_command(
     )
     from ..generation import load_for_sampling
     from ..models import find_model_dir
-    from ..snn import set_neuron_kernel
 
     source = resolve_source(run, checkpoint)
     if metric not in SWEEP_METRICS:
@@ -269,8 +268,9 @@ def sweep_threshold_command(
         try:
             check_stats_file(stats, features)
             model_dir = find_model_dir(source)
-            setup = load_for_sampling(model_dir, weights=weights, device=dev)
-            set_neuron_kernel(setup.model, neuron_kernel)
+            setup = load_for_sampling(
+                model_dir, weights=weights, device=dev, neuron_kernel=neuron_kernel
+            )
             net = FeatureNetwork.load(features, inception_weights=inception_weights, device=dev)
             result = sweep_threshold(
                 setup,

@@ -53,7 +53,9 @@ def sample_command(
     if num < 1:
         fail(f"--num must be >= 1, got {num}")
     try:
-        setup = load_for_sampling(source, weights=weights, device=device)
+        setup = load_for_sampling(
+            source, weights=weights, device=device, neuron_kernel=neuron_kernel
+        )
         cfg = setup.model.config
         images = generate(
             setup.model,
@@ -68,7 +70,6 @@ def sample_command(
             schedule=setup.schedule,
             prediction=setup.prediction,
             device=device,
-            neuron_kernel=neuron_kernel,
             bf16=bf16,
             compile_model=compile_model,
         )
