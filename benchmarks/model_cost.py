@@ -202,7 +202,7 @@ def main() -> None:
     ap.add_argument("--no-save", action="store_true", help="do not append to results.jsonl")
     ap.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    args.argv = [a for a in sys.argv[1:] if a not in ("--no-save",)]
+    args.argv = sys.argv[1:]  # the memory probe reruns this script with the same settings
     device = torch.device(args.device)
     retained = False
     if device.type == "cpu":
@@ -249,7 +249,7 @@ def main() -> None:
             "train_conv_efficiency": train_flops / train_s / 1e9 / reference,
             "call_conv_efficiency": call_flops / call_s / 1e9 / reference,
             "saved_mib": s.saved_mib(),
-            **({f"{key}": v for key, v in memory.items()} if memory else {}),
+            **(memory or {}),
         }
     sp, an = rows["spiking"], rows["ann"]
     ratios = {
