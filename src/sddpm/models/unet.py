@@ -40,13 +40,15 @@ def _batch_norm_repeated(bn: nn.BatchNorm2d, y: torch.Tensor, repeats: int) -> t
 
     The normalisation is the same (mean and biased variance do not change under repetition);
     the running variance uses the unbiased estimate over all ``repeats * N*H*W`` values, as
-    BatchNorm on the repeated tensor would."""
+    BatchNorm on the repeated tensor would. Statistics are accumulated in float32 (16-bit ``y``
+    under autocast), as ``nn.BatchNorm2d`` accumulates them."""
     out = F.batch_norm(y, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
     if bn.track_running_stats and bn.running_mean is not None:
         with torch.no_grad():
             n = repeats * y.numel() // y.shape[1]
-            mean = y.mean((0, 2, 3))
-            var = y.var((0, 2, 3), unbiased=False) * (n / max(n - 1, 1))
+            wide = y.float() if y.dtype in (torch.float16, torch.bfloat16) else y
+            var, mean = torch.var_mean(wide, (0, 2, 3), unbiased=False)
+            var = var * (n / max(n - 1, 1))
             bn.num_batches_tracked.add_(1)
             momentum = bn.momentum if bn.momentum is not None else 1 / bn.num_batches_tracked
             bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), float(momentum))

@@ -7,8 +7,20 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast runs a convolution or matmul in on ``device_type`` (``"cuda"``,
+    ``"cpu"``, ...), or ``None`` where autocast is off there."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 class _SpikeConv2dFunction(torch.autograd.Function):
-    """conv2d whose input is binary: saved for the backward pass as bool (1 byte, not 4)."""
+    """conv2d whose input is binary: saved for the backward pass as bool (1 byte, not 4).
+
+    Its inputs arrive in one dtype (:class:`SpikeConv2d` casts them as autocast would), and the
+    convolution runs with autocast off, so forward and backward see that dtype only: cuDNN
+    refuses a ``convolution_backward`` whose gradient and weight differ in dtype."""
 
     @staticmethod
     def forward(ctx, spikes, weight, bias, stride, padding, dilation, groups):
@@ -16,7 +28,8 @@ class _SpikeConv2dFunction(torch.autograd.Function):
         ctx.conv = (stride, padding, dilation, groups)
         ctx.has_bias = bias is not None
         ctx.input_dtype = spikes.dtype
-        return F.conv2d(spikes, weight, bias, stride, padding, dilation, groups)
+        with torch.autocast(spikes.device.type, enabled=False):
+            return F.conv2d(spikes, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -48,11 +61,20 @@ class _SpikeConv2dFunction(torch.autograd.Function):
 
 class SpikeConv2d(nn.Conv2d):
     """An ``nn.Conv2d`` for binary (spike) input: same parameters and results, but the input
-    kept for the backward pass is stored as bool. Feed it only 0/1 tensors."""
+    kept for the backward pass is stored as bool. Feed it only 0/1 tensors.
+
+    Under autocast it computes in autocast's dtype, as ``nn.Conv2d`` does: input, weight and
+    bias are cast before the convolution (differentiable casts, so parameter gradients come
+    back in the parameters' dtype) and the backward pass sees that one dtype only."""
 
     def forward(self, spikes: torch.Tensor) -> torch.Tensor:
         if self.padding_mode != "zeros" or not torch.is_grad_enabled():
             return super().forward(spikes)
+        weight, bias = self.weight, self.bias
+        dtype = autocast_dtype(spikes.device.type)
+        if dtype is not None:
+            spikes, weight = spikes.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
         return _SpikeConv2dFunction.apply(
-            spikes, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
+            spikes, weight, bias, self.stride, self.padding, self.dilation, self.groups
         )

@@ -38,7 +38,10 @@ def rectangular_grad(u: torch.Tensor, width: float) -> torch.Tensor:
 
 
 class _SurrogateSpike(torch.autograd.Function):
-    """Heaviside forward; backward multiplies by ``grad_fn(u, width)``."""
+    """Heaviside forward; backward multiplies by ``grad_fn(u, width)``.
+
+    Elementwise, like the built-in ops autocast leaves alone: spikes and the gradient have
+    ``u``'s dtype whatever autocast is doing."""
 
     @staticmethod
     def forward(ctx, u: torch.Tensor, grad_fn, width: float) -> torch.Tensor:
@@ -49,7 +52,7 @@ class _SurrogateSpike(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (u,) = ctx.saved_tensors
-        return grad_out * ctx.grad_fn(u, ctx.width), None, None
+        return (grad_out * ctx.grad_fn(u, ctx.width)).to(u.dtype), None, None
 
 
 _GRADS = {"atan": atan_grad, "sigmoid": sigmoid_grad, "rectangular": rectangular_grad}
