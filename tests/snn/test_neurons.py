@@ -167,22 +167,9 @@ def test_bad_neuron_settings_are_refused():
         SpikingNeuron(tau=0.5)
 
 
-@pytest.mark.parametrize("tau", [None, 2.0])
-@pytest.mark.parametrize("reset", ["hard", "soft"])
-@pytest.mark.parametrize("detach_reset", [False, True])
-@pytest.mark.parametrize("decay_input", [True, False])
-@pytest.mark.parametrize("kind", ["atan", "sigmoid", "rectangular"])
-def test_fused_neuron_equals_step_by_step_autograd(tau, reset, detach_reset, decay_input, kind):
+def test_fused_neuron_equals_step_by_step_autograd(neuron_variant):
     torch.manual_seed(0)
-    neuron = SpikingNeuron(
-        threshold=0.7,
-        tau=tau,
-        reset=reset,
-        v_reset=-0.2 if reset == "hard" else 0.0,
-        detach_reset=detach_reset,
-        surrogate=Surrogate(kind),
-        decay_input=decay_input,
-    )
+    neuron = neuron_variant(kernel="eager")
     x = (torch.randn(6, 3, 17, dtype=torch.float64) * 1.5).requires_grad_()
     w = torch.randn(6, 3, 17, dtype=torch.float64)
     neuron.fused = False

@@ -1,6 +1,6 @@
 """Spiking neurons (IF, LIF; hard and soft reset) and surrogate gradients."""
 
-from .fused import KERNELS, multistep_neuron
+from .fused import KERNELS, NeuronKernelError, multistep_neuron
 from .layers import SpikeConv2d
 from .neuron import RESET_MODES, SpikingNeuron, neuron_step, set_neuron_kernel
 from .surrogate import Surrogate, atan_grad, heaviside, rectangular_grad, sigmoid_grad
@@ -15,6 +15,7 @@ from .threshold import (
 
 __all__ = [
     "KERNELS",
+    "NeuronKernelError",
     "RESET_MODES",
     "SpikeConv2d",
     "SpikingNeuron",

@@ -14,8 +14,14 @@ magnitude faster than bool masks.
 
 from __future__ import annotations
 
+import functools
+import os
+import shutil
+import sys
+
 import torch
 
+from . import triton_neuron
 from .surrogate import Surrogate
 
 
@@ -58,12 +64,21 @@ def _forward_loop(x_seq, threshold, tau, reset, v_reset, decay_input, keep_h):
     return spikes, v, h_seq
 
 
-KERNELS = ("eager", "compiled")
-"""How the step loops run: ``eager`` (tensor operations from Python) or ``compiled``
+KERNELS = ("auto", "eager", "compiled", "triton")
+"""How the step loops run: ``eager`` (tensor operations from Python), ``compiled``
 (``torch.compile`` of the same loops: one generated kernel per loop, C++ on CPUs and Triton on
-GPUs; compiled once per process and reused for every shape)."""
+GPUs; compiled once per process and reused for every shape), ``triton`` (two hand-written Triton
+kernels, :mod:`sddpm.snn.triton_neuron`: CUDA tensors, or CPU tensors under Triton's
+interpreter) or ``auto`` (the default: ``triton`` for CUDA tensors when Triton is importable,
+else ``eager``; decided per call from the input's device). All give the same spikes. Under an
+outer ``torch.compile`` every kernel runs the eager loops, which the outer compile turns into
+its own kernels."""
 
 _COMPILED: dict = {}
+
+
+class NeuronKernelError(ValueError):
+    """A neuron kernel that cannot run here; the message names the fix."""
 
 
 def check_kernel(kernel: str) -> str:
@@ -73,25 +88,112 @@ def check_kernel(kernel: str) -> str:
     return kernel
 
 
+@functools.lru_cache(maxsize=8)
+def _find_cxx(candidates: tuple, path: str) -> str | None:
+    for cxx in candidates:
+        found = cxx is not None and shutil.which(cxx, path=path)
+        if found:
+            return found
+    return None
+
+
+def _cxx_candidates() -> tuple:
+    """The C++ compilers inductor would try, in its order (``torch._inductor.config.cpp.cxx``,
+    whose default holds ``$CXX`` or g++)."""
+    if sys.platform == "win32":
+        return (os.environ.get("CXX", "cl"),)
+    from torch._inductor import config
+
+    cxx = config.cpp.cxx
+    return tuple(cxx) if isinstance(cxx, (list, tuple)) else (cxx,)
+
+
+def check_kernel_available(kernel: str, device_type: str | None = None) -> str:
+    """``kernel`` if it can run tensors of ``device_type`` here (``None``: checks that hold on
+    any device), else a :class:`NeuronKernelError` naming the fix. Cheap: nothing is compiled.
+
+    ``triton`` needs Triton importable, and for non-CUDA tensors its interpreter on;
+    ``compiled`` needs a C++ compiler on PATH for CPU tensors and Triton for CUDA tensors."""
+    check_kernel(kernel)
+    if kernel == "triton":
+        if not triton_neuron.available():
+            raise NeuronKernelError(
+                "neuron kernel 'triton' needs Triton, which cannot be imported here: "
+                "pip install triton, or use neuron kernel 'auto' or 'eager'"
+            )
+        if device_type not in (None, "cuda") and not triton_neuron.interpreting():
+            raise NeuronKernelError(
+                f"neuron kernel 'triton' runs {device_type} tensors only under Triton's "
+                "interpreter: set TRITON_INTERPRET=1 in the environment (slow; for tests), or "
+                "use neuron kernel 'auto' or 'eager'"
+            )
+    elif kernel == "compiled":
+        if device_type == "cpu":
+            candidates = _cxx_candidates()
+            if _find_cxx(candidates, os.environ.get("PATH", os.defpath)) is None:
+                names = ", ".join(str(c) for c in candidates if c is not None) or "none set"
+                raise NeuronKernelError(
+                    "neuron kernel 'compiled' builds C++ for CPU tensors (torch.compile), but no "
+                    f"C++ compiler is on PATH (tried: {names}): install one (e.g. g++) or set "
+                    "CXX to one, or use neuron kernel 'eager'"
+                )
+        elif device_type == "cuda" and not triton_neuron.available():
+            raise NeuronKernelError(
+                "neuron kernel 'compiled' generates Triton code for CUDA tensors, but Triton "
+                "cannot be imported here: pip install triton, or use neuron kernel 'eager'"
+            )
+    return kernel
+
+
+def resolve_kernel(kernel: str, x: torch.Tensor) -> str:
+    """The kernel that runs ``x``: ``eager``, ``compiled`` or ``triton`` (``auto`` decided from
+    ``x``'s device and dtype); a :class:`NeuronKernelError` if ``kernel`` cannot run it."""
+    if kernel == "eager" or torch.compiler.is_compiling():  # an outer compile traces the loops
+        return "eager"
+    if kernel == "auto":
+        triton_ok = x.is_cuda and x.dtype in triton_neuron.DTYPES and triton_neuron.available()
+        return "triton" if triton_ok else "eager"
+    if kernel == "triton" and x.dtype not in triton_neuron.DTYPES:
+        raise NeuronKernelError(
+            f"neuron kernel 'triton' takes {[str(d) for d in triton_neuron.DTYPES]} input, got "
+            f"{x.dtype}: use neuron kernel 'auto' or 'eager'"
+        )
+    return check_kernel_available(kernel, x.device.type)
+
+
 def _loop(fn, kernel: str):
     """``fn`` itself, or its compiled version for ``kernel="compiled"`` (made once)."""
-    if check_kernel(kernel) == "eager" or torch.compiler.is_compiling():  # outer compile traces fn
+    if kernel != "compiled":
         return fn
     if fn not in _COMPILED:
         _COMPILED[fn] = torch.compile(fn, dynamic=True)
     return _COMPILED[fn]
 
 
+def _run_forward(kernel: str, x_seq: torch.Tensor, *settings, keep_h: bool):
+    """Spikes in ``x_seq``'s dtype, the last membrane and (if ``keep_h``) the pre-spike
+    membranes, by the resolved ``kernel``; ``settings`` are threshold, tau, reset, v_reset,
+    decay_input."""
+    if kernel == "triton":
+        return triton_neuron.forward(x_seq, *settings, keep_h)
+    spikes, v, h_seq = _loop(_forward_loop, kernel)(_membrane_dtype(x_seq), *settings, keep_h)
+    return spikes.to(x_seq.dtype), v, h_seq
+
+
 class MultiStepNeuronFunction(torch.autograd.Function):
     """``x_seq [T, ...] -> (spikes [T, ...], last membrane [...])`` for an IF/LIF neuron whose
-    membrane starts at rest; the last membrane carries no gradient."""
+    membrane starts at rest; the last membrane carries no gradient. ``kernel`` is resolved
+    (``eager``, ``compiled`` or ``triton``).
+
+    Elementwise, so autocast leaves it alone as it leaves built-in elementwise ops: spikes and
+    the input gradient have the input's dtype (the membrane is float32 for 16-bit input)."""
 
     @staticmethod
     def forward(
         ctx, x_seq, threshold, surrogate, tau, reset, v_reset, detach_reset, decay_input, kernel
     ):
-        spikes, v, h_seq = _loop(_forward_loop, kernel)(
-            _membrane_dtype(x_seq), threshold, tau, reset, v_reset, decay_input, True
+        spikes, v, h_seq = _run_forward(
+            kernel, x_seq, threshold, tau, reset, v_reset, decay_input, keep_h=True
         )
         ctx.save_for_backward(h_seq)
         ctx.settings = (
@@ -107,13 +209,16 @@ class MultiStepNeuronFunction(torch.autograd.Function):
         ctx.kernel = kernel
         ctx.input_dtype = x_seq.dtype
         ctx.mark_non_differentiable(v)
-        return spikes.to(x_seq.dtype), v
+        return spikes, v
 
     @staticmethod
     def backward(ctx, grad_spikes, _grad_last_v):
         (h_seq,) = ctx.saved_tensors
-        grad_spikes = grad_spikes.to(h_seq.dtype)
-        grad_x = _loop(_backward, ctx.kernel)(h_seq, grad_spikes, *ctx.settings)
+        if ctx.kernel == "triton":
+            grad_x = triton_neuron.backward(h_seq, grad_spikes, *ctx.settings, ctx.input_dtype)
+        else:
+            grad_spikes = grad_spikes.to(h_seq.dtype)
+            grad_x = _loop(_backward, ctx.kernel)(h_seq, grad_spikes, *ctx.settings)
         return (grad_x.to(ctx.input_dtype),) + (None,) * 8
 
 
@@ -163,18 +268,20 @@ def multistep_neuron(
     v_reset: float = 0.0,
     detach_reset: bool = False,
     decay_input: bool = True,
-    kernel: str = "eager",
+    kernel: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Spikes ``[T, ...]`` of a neuron layer driven by ``x_seq [T, ...]`` (one autograd node)
     and the membrane after the last step; ``kernel`` is one of :data:`KERNELS`. Spikes have
     the input's dtype; 16-bit input is integrated in float32."""
+    kernel = resolve_kernel(kernel, x_seq)
     if torch.is_grad_enabled() and x_seq.requires_grad:
         return MultiStepNeuronFunction.apply(
             x_seq, threshold, surrogate, tau, reset, v_reset, detach_reset, decay_input, kernel
         )
-    loop = _loop(_forward_loop, kernel)
-    spikes, v, _ = loop(_membrane_dtype(x_seq), threshold, tau, reset, v_reset, decay_input, False)
-    return spikes.to(x_seq.dtype), v
+    spikes, v, _ = _run_forward(
+        kernel, x_seq, threshold, tau, reset, v_reset, decay_input, keep_h=False
+    )
+    return spikes, v
 
 
 def _membrane_dtype(x_seq: torch.Tensor) -> torch.Tensor:

@@ -12,10 +12,12 @@ detached, ATan surrogate alpha 2.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
-from .fused import check_kernel, multistep_neuron
+from .fused import check_kernel_available, multistep_neuron
 from .surrogate import Surrogate
 
 RESET_MODES = ("hard", "soft")
@@ -71,8 +73,9 @@ class SpikingNeuron(nn.Module):
         decay_input: LIF only: the input is divided by tau too (spikingjelly's default).
         fused: run all time steps as one autograd node that keeps only the pre-spike membrane
             for the backward pass (:mod:`sddpm.snn.fused`); ``False`` records every step.
-        kernel: how the fused step loops run: ``"eager"`` or ``"compiled"`` (``torch.compile``;
-            see :data:`sddpm.snn.fused.KERNELS` and :func:`set_neuron_kernel`).
+        kernel: how the fused step loops run: ``"auto"`` (Triton for CUDA tensors when it is
+            importable, else eager), ``"eager"``, ``"compiled"`` (``torch.compile``) or
+            ``"triton"``; see :data:`sddpm.snn.fused.KERNELS` and :func:`set_neuron_kernel`.
     """
 
     def __init__(
@@ -85,7 +88,7 @@ class SpikingNeuron(nn.Module):
         surrogate: Surrogate | None = None,
         decay_input: bool = True,
         fused: bool = True,
-        kernel: str = "eager",
+        kernel: str = "auto",
     ) -> None:
         super().__init__()
         if reset not in RESET_MODES:
@@ -102,7 +105,7 @@ class SpikingNeuron(nn.Module):
         self.surrogate = surrogate or Surrogate()
         self.decay_input = decay_input
         self.fused = fused
-        self.kernel = check_kernel(kernel)
+        self.kernel = check_kernel_available(kernel)
         self.last_v: torch.Tensor | None = None
 
     def settings(self) -> dict:
@@ -149,9 +152,13 @@ class SpikingNeuron(nn.Module):
 
 
 def set_neuron_kernel(model: nn.Module, kernel: str) -> int:
-    """Run every :class:`SpikingNeuron` in ``model`` with ``kernel`` (``"eager"`` or
-    ``"compiled"``); returns how many neurons were set. The results are the same either way."""
-    check_kernel(kernel)
+    """Run every :class:`SpikingNeuron` in ``model`` with ``kernel`` (``"auto"``, ``"eager"``,
+    ``"compiled"`` or ``"triton"``); returns how many neurons were set. The spikes are the same
+    whichever runs. A kernel that cannot run on the model's device (Triton not importable, no
+    C++ compiler for ``compiled`` on a CPU, ...) is a :class:`sddpm.snn.NeuronKernelError`
+    naming the fix, raised here, before any step."""
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    check_kernel_available(kernel, first.device.type if first is not None else None)
     neurons = [m for m in model.modules() if isinstance(m, SpikingNeuron)]
     for m in neurons:
         m.kernel = kernel
