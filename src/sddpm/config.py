@@ -133,7 +133,7 @@ class TrainSettings:
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     threads: int | None = None  # torch CPU threads per process; None: torch's default
     compile: bool = False  # torch.compile the model
-    neuron_kernel: str = "eager"  # spiking neurons' step loops: "eager" or "compiled"
+    neuron_kernel: str = "auto"  # neuron step loops: "auto", "eager", "compiled" or "triton"
     retain_cpu_memory: bool = True  # CPU: malloc keeps freed memory (sddpm.runtime)
     bf16: bool = True  # bfloat16 autocast, on CUDA only (ignored on the CPU)
     sync_bn: bool = False  # SyncBatchNorm under DDP (CUDA only): BN statistics over all ranks

@@ -121,7 +121,7 @@ def test_triton_kernel_refuses_what_it_cannot_run(monkeypatch):
         SpikingNeuron(kernel="triton")(torch.randn(2, 3))
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), SpikingNeuron())
     with pytest.raises(NeuronKernelError, match="TRITON_INTERPRET=1"):
-        set_neuron_kernel(model, "triton")  # up front: the model's parameters are on the CPU
+        set_neuron_kernel(model, "triton", device="cpu")  # up front, for the device given
 
 
 @pytest.mark.parametrize("reset", ["hard", "soft"])

@@ -66,12 +66,13 @@ def test_bad_overrides_name_the_problem(assignment, message):
 
 def test_validate_lists_problems():
     c = run_preset("digits").override(
-        ["batch_size=10", "grad_accum=3", "image_channels=3", "neuron_kernel=triton"]
+        ["batch_size=10", "grad_accum=3", "image_channels=3", "neuron_kernel=fast"]
     )
     with pytest.raises(ValueError) as err:
         c.validate()
     assert "not divisible by train.grad_accum" in str(err.value)
-    assert "train.neuron_kernel must be one of ('eager', 'compiled')" in str(err.value)
+    kernels = "('auto', 'eager', 'compiled', 'triton')"
+    assert f"train.neuron_kernel must be one of {kernels}" in str(err.value)
     assert "1 channel(s) but the model takes 3" in str(err.value)
 
 

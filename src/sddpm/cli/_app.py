@@ -55,7 +55,9 @@ BF16_OPTION = typer.Option(
     False, "--bf16", help="bfloat16 autocast of the U-Net (GPUs; membranes stay float32)."
 )
 NEURON_KERNEL_OPTION = typer.Option(
-    "eager", "--neuron-kernel", help="eager or compiled (torch.compile of the neuron loops)."
+    "auto",
+    "--neuron-kernel",
+    help="auto (triton on CUDA when installed, else eager), eager, compiled or triton.",
 )
 
 

@@ -12,8 +12,6 @@ detached, ATan surrogate alpha 2.
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 from torch import nn
 
@@ -151,14 +149,19 @@ class SpikingNeuron(nn.Module):
         )
 
 
-def set_neuron_kernel(model: nn.Module, kernel: str) -> int:
+def set_neuron_kernel(
+    model: nn.Module, kernel: str, device: str | torch.device | None = None
+) -> int:
     """Run every :class:`SpikingNeuron` in ``model`` with ``kernel`` (``"auto"``, ``"eager"``,
     ``"compiled"`` or ``"triton"``); returns how many neurons were set. The spikes are the same
-    whichever runs. A kernel that cannot run on the model's device (Triton not importable, no
-    C++ compiler for ``compiled`` on a CPU, ...) is a :class:`sddpm.snn.NeuronKernelError`
-    naming the fix, raised here, before any step."""
-    first = next(itertools.chain(model.parameters(), model.buffers()), None)
-    check_kernel_available(kernel, first.device.type if first is not None else None)
+    whichever runs.
+
+    A kernel that cannot run here is a :class:`sddpm.snn.NeuronKernelError` naming the fix:
+    raised now where it cannot run on any device (``triton`` without Triton), or on ``device``
+    when it is given (the device the model will run on: no C++ compiler for ``compiled`` on a
+    CPU, ...); otherwise at the first call, before anything is compiled."""
+    device_type = torch.device(device).type if device is not None else None
+    check_kernel_available(kernel, device_type)
     neurons = [m for m in model.modules() if isinstance(m, SpikingNeuron)]
     for m in neurons:
         m.kernel = kernel
