@@ -9,7 +9,10 @@ from torch import nn
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype autocast runs a convolution or matmul in on ``device_type`` (``"cuda"``,
-    ``"cpu"``, ...), or ``None`` where autocast is off there."""
+    ``"cpu"``, ...), or ``None`` where autocast is off there (or has no such device type:
+    ``meta``)."""
+    if not torch.amp.is_autocast_available(device_type):
+        return None
     if not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
@@ -18,8 +21,8 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
 class _SpikeConv2dFunction(torch.autograd.Function):
     """conv2d whose input is binary: saved for the backward pass as bool (1 byte, not 4).
 
-    Its inputs arrive in one dtype (:class:`SpikeConv2d` casts them as autocast would), and the
-    convolution runs with autocast off, so forward and backward see that dtype only: cuDNN
+    Its inputs arrive in one dtype (:class:`SpikeConv2d` casts them as autocast would, so
+    autocast has nothing left to cast), and forward and backward see that dtype only: cuDNN
     refuses a ``convolution_backward`` whose gradient and weight differ in dtype."""
 
     @staticmethod
@@ -28,8 +31,7 @@ class _SpikeConv2dFunction(torch.autograd.Function):
         ctx.conv = (stride, padding, dilation, groups)
         ctx.has_bias = bias is not None
         ctx.input_dtype = spikes.dtype
-        with torch.autocast(spikes.device.type, enabled=False):
-            return F.conv2d(spikes, weight, bias, stride, padding, dilation, groups)
+        return F.conv2d(spikes, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad_out):
