@@ -10,6 +10,9 @@ derivatives) are computed for all steps at once; only one multiply-add per step 
 gradients the loop runs in place on the membrane: three tensor operations per step for IF.
 Spikes are float comparisons (``ge`` with a float ``out``), which CPUs do an order of
 magnitude faster than bool masks.
+
+The same forward and backward also exist as two Triton kernels (:mod:`.triton_neuron`);
+:data:`KERNELS` lists how a call can run, and :func:`resolve_kernel` picks one per call.
 """
 
 from __future__ import annotations
@@ -90,6 +93,7 @@ def check_kernel(kernel: str) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _find_cxx(candidates: tuple, path: str) -> str | None:
+    """The first of ``candidates`` that is a program on ``path`` (cached: called per step)."""
     for cxx in candidates:
         found = cxx is not None and shutil.which(cxx, path=path)
         if found:

@@ -8,7 +8,10 @@ the backward recomputes the spikes as ``h >= threshold``, and a 16-bit ``h`` wou
 just under the threshold onto it, so the backward would take a silent neuron for a firing one
 (wrong reset derivative) and the surrogate slopes would lose their resolution near the
 threshold. The kernels (:mod:`._triton_kernels`) are the same float operations as the eager
-loop, so spikes are bit-for-bit the eager ones.
+loop, so spikes are bit-for-bit the eager ones on the CPU. (On CUDA, eager PyTorch divides a
+tensor by a Python number as a multiplication by its reciprocal, one rounding apart from the
+kernel's IEEE division: a LIF neuron whose tau is not a power of two may then flip a spike
+that sits exactly at the threshold.)
 
 Triton is imported only here, when this kernel is used: the package imports without it. Triton
 runs CUDA tensors; CPU tensors run only under its interpreter (``TRITON_INTERPRET=1``, read
