@@ -103,7 +103,7 @@ def load_torch_file(path: str | os.PathLike) -> Any:
                 "them), which sddpm never unpickles"
             ) from None
         raise UnreadableFileError(
-            path, f"{path} is corrupt or not a torch file (it cannot be unpickled)"
+            path, f"{path} is corrupt or not a torch file"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, IndexError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
