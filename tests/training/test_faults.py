@@ -28,6 +28,8 @@ from sddpm.training import (
     train,
 )
 from sddpm.training import loop as loop_module
+from sddpm.training import signals as signals_module
+from sddpm.training.signals import StopRequest
 
 
 def _states_equal(a: dict, b: dict) -> None:
@@ -73,19 +75,18 @@ def test_signal_between_checkpoints_then_resume_is_bit_identical(
     _states_equal(resumed.ema.state_dict(), straight.ema.state_dict())
 
 
-def test_a_second_signal_exits_at_once(tmp_path, tiny, monkeypatch):
-    trainer = Trainer(tiny(), tmp_path / "run", loop_module.DistContext(), progress=False)
+def test_a_second_signal_exits_at_once(monkeypatch):
     kills = []
-    monkeypatch.setattr(loop_module.os, "kill", lambda pid, sig: kills.append(sig))
-    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        trainer._on_signal(signal.SIGTERM, None)
-        assert trainer.stop_signal == signal.SIGTERM and kills == []  # first: stop after step
-        trainer._on_signal(signal.SIGTERM, None)
+    monkeypatch.setattr(signals_module.os, "kill", lambda pid, sig: kills.append(sig))
+    previous = signal.getsignal(signal.SIGTERM)
+    with StopRequest(announce=False) as stop:
+        assert signal.getsignal(signal.SIGTERM) == stop.handle
+        stop.handle(signal.SIGTERM, None)
+        assert stop.requested and stop.name == "SIGTERM" and kills == []  # first: after step
+        stop.handle(signal.SIGTERM, None)
         # second: the default action (termination) is re-raised at once
         assert kills == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    assert signal.getsignal(signal.SIGTERM) == previous
 
 
 def _truncate(path) -> None:

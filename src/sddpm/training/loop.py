@@ -21,9 +21,7 @@ import contextlib
 import math
 import os
 import random
-import signal
 import sys
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -72,6 +70,7 @@ from .checkpoint import rng_state, set_rng_state
 from .ema import EMA
 from .metrics import MetricsLogger
 from .optim import build_optimizer, trainable_parameters
+from .signals import StopRequest
 
 __all__ = [
     "CheckpointWriteError",
@@ -260,7 +259,8 @@ class Trainer:
         self.losses: list[float] = []
         self.samples: list[Path] = []
         self.logger: MetricsLogger | None = None
-        self.stop_signal: int | None = None
+        self.stop = StopRequest(announce=ctx.is_main)
+        self.stop.describe = lambda: f"finishing step {self.step + 1}, then writing a checkpoint"
         self._pending: list[torch.Tensor] = []  # per-step losses not yet read back
         self._window: list[float] = []  # losses since the last log row
         self._sample_model: nn.Module | None = None
@@ -513,7 +513,7 @@ class Trainer:
         flags = torch.stack(
             [
                 (self._bad_step > 0).float(),
-                torch.tensor(float(self.stop_signal is not None), device=self.device),
+                torch.tensor(float(self.stop.requested), device=self.device),
             ]
         )
         reduced = torch.cat([torch.stack(self._pending).float(), flags]) if n else flags
@@ -642,33 +642,6 @@ class Trainer:
         self.samples.append(path)
         return path
 
-    # ------------------------------------------------------------------ signals
-    def _on_signal(self, signum: int, frame) -> None:
-        if self.stop_signal is not None:  # the second one: exit at once
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        self.stop_signal = signum
-        if self.ctx.is_main:
-            print(
-                f"\n{signal.Signals(signum).name} received: finishing step {self.step + 1}, "
-                "then writing a checkpoint (send it again to exit at once)",
-                file=sys.stderr,
-            )
-
-    @contextlib.contextmanager
-    def _signals(self):
-        """SIGTERM and SIGINT ask the loop to stop after the current step (main thread only)."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-
     # ------------------------------------------------------------------ the loop
     def run(self) -> TrainResult:
         """Train to ``train.total_steps``; returns a :class:`TrainResult` on every rank."""
@@ -685,7 +658,7 @@ class Trainer:
         self._t_start = self._t_window = time.perf_counter()
         self._window_start = self.start_step
         try:
-            with self._signals():
+            with self.stop:
                 while self.step < tcfg.total_steps:
                     self.train_step(next(self.batches))
                     self.bar.update(1)
@@ -696,9 +669,8 @@ class Trainer:
             if self.logger is not None:
                 self.logger.close()
             self.batches.close()
-        if self.stop_signal is not None:
-            name = signal.Signals(self.stop_signal).name
-            raise TrainingStopped(name, self.step, self.last_ckpt, self.run_dir)
+        if self.stop.requested:
+            raise TrainingStopped(self.stop.name, self.step, self.last_ckpt, self.run_dir)
         if ctx.is_main and self.progress and self.step > self.start_step:
             tqdm.write(
                 f"trained {self.step - self.start_step} steps to step {self.step} in "
@@ -727,10 +699,10 @@ class Trainer:
         final = step == tcfg.total_steps
         log = step % tcfg.log_every == 0 or final
         save = final or bool(tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0)
-        asked = self.stop_signal is not None and not self.ctx.distributed
+        asked = self.stop.requested and not self.ctx.distributed
         stop = self._sync(log) if (log or save or asked) else False
         if stop:
-            self.stop_signal = self.stop_signal or signal.SIGTERM  # another rank's signal
+            self.stop.request()  # another rank's signal stops this one too
         if save or stop:
             self.save()
         if tcfg.num_samples and (final or (tcfg.sample_every and step % tcfg.sample_every == 0)):
