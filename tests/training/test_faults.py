@@ -197,3 +197,15 @@ def test_init_from_starts_from_the_source_ema_and_refuses_other_architectures(tm
     other.setup()
     with pytest.raises(ValueError, match="mis-shaped keys"):
         other.restore(resume=False)
+
+
+def test_cli_says_how_to_resume_after_sigterm(tmp_path, tiny, monkeypatch):
+    (tmp_path / "tiny.json").write_text(tiny("total_steps=5", "checkpoint_every=0").to_json())
+    run = tmp_path / "run"
+    _signal_during_step(monkeypatch, 2, signal.SIGTERM)
+    result = CliRunner().invoke(
+        app, ["train", "--config", str(tmp_path / "tiny.json"), "--out", str(run), "--no-progress"]
+    )
+    assert result.exit_code == 128 + signal.SIGTERM, result.output
+    assert f"resume with: sddpm train --resume {run}" in result.output
+    assert [p.name for p in resumable_checkpoints(run)] == ["step_00000002"]
