@@ -38,24 +38,18 @@ def test_a_training_step_reads_nothing_back_and_logging_steps_read_once(
 
         monkeypatch.setattr(torch.Tensor, name, counted)
 
-    real_step, real_sync = Trainer.train_step, Trainer._sync
+    def in_phase(name, method):
+        def wrapped(self, *args):
+            phase["now"] = name
+            try:
+                return method(self, *args)
+            finally:
+                phase["now"] = "outside"
 
-    def step(self, x):
-        phase["now"] = "step"
-        try:
-            return real_step(self, x)
-        finally:
-            phase["now"] = "outside"
+        return wrapped
 
-    def sync(self, log):
-        phase["now"] = "sync"
-        try:
-            return real_sync(self, log)
-        finally:
-            phase["now"] = "outside"
-
-    monkeypatch.setattr(Trainer, "train_step", step)
-    monkeypatch.setattr(Trainer, "_sync", sync)
+    monkeypatch.setattr(Trainer, "train_step", in_phase("step", Trainer.train_step))
+    monkeypatch.setattr(Trainer, "_sync", in_phase("sync", Trainer._sync))
     result = trainer.run()
     monkeypatch.undo()
 
