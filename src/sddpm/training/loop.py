@@ -352,7 +352,9 @@ class Trainer:
         Compiling the DDP wrapper, not the inner module, is what PyTorch documents for DDP:
         DDP's own forward runs eagerly (so ``no_sync`` and its gradient hooks work) and
         Dynamo's DDP optimiser splits the compiled graph at the gradient buckets, so the
-        all-reduce still overlaps the backward pass."""
+        all-reduce still overlaps the backward pass. Checked on the CPU: 2 Gloo ranks,
+        ``grad_accum=2`` (the ``no_sync`` path), ``torch.compile(backend="aot_eager")``,
+        3 steps: equal losses and parameters on both ranks (70 s, too slow for the suite)."""
         net: nn.Module = self.model
         self.ddp = None
         if self.ctx.world_size > 1:
