@@ -8,14 +8,13 @@ so :func:`from_published` and :func:`to_published` are exact inverses.
 from __future__ import annotations
 
 import os
-import pickle
 import re
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from .io import state_dict_mismatch
+from .io import PickledObjectsError, load_torch_file, state_dict_mismatch
 from .models.config import UNetConfig
 from .models.unet import UNet, build_model
 
@@ -132,16 +131,15 @@ def from_published(
 
 
 def load_published_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a published ``.pt`` checkpoint safely (``torch.load(weights_only=True)``)."""
+    """Read a published ``.pt`` checkpoint safely (``torch.load(weights_only=True)``).
+
+    A truncated or garbage file is reported as unreadable (:class:`sddpm.io.UnreadableFileError`);
+    only an intact file of pickled Python objects is told to be re-saved as plain tensors."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except (pickle.UnpicklingError, RuntimeError, AttributeError) as err:
+        obj = load_torch_file(path)
+    except PickledObjectsError as err:
         raise ValueError(
-            f"{path} cannot be read as plain tensors (torch.load(weights_only=True) refused it: "
-            f"{str(err).splitlines()[0]}). It needs pickled Python objects, which sddpm never "
-            "unpickles. Re-save it from a trusted environment as a dict of state_dicts "
+            f"{err}. Re-save it from a trusted environment as a dict of state_dicts "
             "(torch.save({'net_model': model.state_dict()}, path))."
         ) from None
     if not isinstance(obj, dict):

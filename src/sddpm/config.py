@@ -137,6 +137,7 @@ class TrainSettings:
     retain_cpu_memory: bool = True  # CPU: malloc keeps freed memory (sddpm.runtime)
     bf16: bool = True  # bfloat16 autocast, on CUDA only (ignored on the CPU)
     sync_bn: bool = False  # SyncBatchNorm under DDP (CUDA only): BN statistics over all ranks
+    init_from: str | None = None  # a run or model directory whose weights (EMA) start the run
 
 
 _SECTIONS = ("model", "data", "diffusion", "optim", "train")

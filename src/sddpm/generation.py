@@ -15,8 +15,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .diffusion import NoiseSchedule, initial_noise, sample
-from .models import find_model_dir, fold_batchnorm, load_pretrained, read_config
+from .models import fold_batchnorm
 from .models.unet import UNet
+from .rundir import load_model
 from .snn import set_neuron_kernel
 
 
@@ -35,28 +36,18 @@ def load_for_sampling(
     device: str | torch.device = "cpu",
     neuron_kernel: str = "eager",
 ) -> SamplingSetup:
-    """Load a model directory or a run directory's latest checkpoint, with its schedule.
+    """Load a model directory or a run directory's newest good checkpoint, with its schedule.
 
-    The schedule and prediction come from the checkpoint's ``diffusion`` config section
-    (``{"schedule": {...}, "prediction": "eps" | "v"}``, as training writes it); a
-    checkpoint without one (a converted published model) uses the published linear schedule
-    over the model's ``diffusion_steps``. ``neuron_kernel`` is how its spiking neurons run
+    The run directory module (:func:`sddpm.rundir.load_model`) verifies the files (a corrupt
+    newest checkpoint of a run is skipped with a warning; a corrupt model directory named
+    explicitly raises :class:`sddpm.rundir.CorruptCheckpointError`) and reads the schedule and
+    prediction from the checkpoint's ``diffusion`` section; a model directory without one (a
+    converted published model) uses the published linear schedule over the model's
+    ``diffusion_steps``. ``neuron_kernel`` is how its spiking neurons run
     (:func:`sddpm.snn.set_neuron_kernel`; copies made for sampling keep it)."""
-    model_dir = find_model_dir(path)
-    config = read_config(model_dir)
-    model = load_pretrained(model_dir, weights=weights).to(device)
-    set_neuron_kernel(model, neuron_kernel)
-    diffusion = config.get("diffusion") or {}
-    if "schedule" in diffusion:
-        schedule = NoiseSchedule.from_dict(diffusion["schedule"])
-    else:
-        schedule = NoiseSchedule.linear(T=model.config.diffusion_steps)
-    if schedule.T != model.config.diffusion_steps:
-        raise ValueError(
-            f"{model_dir}: schedule has {schedule.T} steps but the model embeds "
-            f"{model.config.diffusion_steps}"
-        )
-    return SamplingSetup(model, schedule, diffusion.get("prediction", "eps"))
+    loaded = load_model(path, weights=weights, map_location=device)
+    set_neuron_kernel(loaded.model, neuron_kernel)
+    return SamplingSetup(loaded.model, loaded.schedule, loaded.prediction)
 
 
 def generate_batches(

@@ -98,3 +98,18 @@ def test_optimal_predictor_reaches_the_minimum_loss(prediction):
         # the per-pixel loss is expected * chi^2_1: standard deviation sqrt(2) expected
         se = math.sqrt(2) * expected / math.sqrt(losses.numel())
         assert abs(losses.mean().item() - expected) < 5 * se, (step, losses.mean().item(), expected)
+
+
+def test_a_caller_that_validated_t_skips_the_read_back_and_gets_the_same_loss(monkeypatch):
+    x0 = torch.linspace(-1, 1, 2 * 3 * 4 * 4).reshape(2, 3, 4, 4)
+    noise, t = torch.ones_like(x0), torch.tensor([5, 900])
+    model = lambda x, t_: 0.5 * x  # noqa: E731
+    checked = loss_map(model, x0, SCHEDULE, t=t, noise=noise)
+    reads = []
+    monkeypatch.setattr(torch.Tensor, "__int__", lambda self: reads.append(1) or 0)
+    trusted = loss_map(model, x0, SCHEDULE, t=t, noise=noise, check_t=False)
+    monkeypatch.undo()
+    assert reads == [] and torch.equal(trusted, checked)
+    # the t-range check itself is kept for callers that pass t unchecked
+    with pytest.raises(ValueError, match=r"t must be in \[0, 999\]"):
+        loss_map(model, x0, SCHEDULE, t=torch.tensor([-1, 3]), noise=noise)

@@ -117,3 +117,14 @@ def test_timesteps_grids():
         timesteps(s, 0)
     with pytest.raises(ValueError, match="unknown spacing"):
         timesteps(s, 10, "cubic")
+
+
+def test_tables_move_to_a_device_once():
+    s = NoiseSchedule.cosine(T=50)
+    assert s.to("cpu") is s
+    moved = s.to("meta")  # a device without data: enough to see where every table lives
+    assert moved is s.to("meta")  # made once, then cached
+    assert moved.T == 50 and moved.kind == "cosine" and moved.params == s.params
+    for name in ("betas", "alphas_cumprod", "sqrt_alphas_cumprod", "fixedlarge_log_variance"):
+        assert getattr(moved, name).device.type == "meta", name
+        assert getattr(s, name).device.type == "cpu", name

@@ -1,24 +1,67 @@
 """Run by test_ddp.py under torchrun: train, then save this rank's losses and weights.
 
-python -m torch.distributed.run --standalone --nproc_per_node=2 ddp_worker.py CONFIG RUN OUT
+python -m torch.distributed.run --standalone --nproc_per_node=2 ddp_worker.py CONFIG RUN OUT [MODE]
+
+MODE (fault injection): ``disk-full`` makes rank 0's checkpoint writer fail with ENOSPC;
+``sigterm-rank1`` sends SIGTERM to rank 1 alone during update 2. Either way each rank writes
+``rankR.json`` with the error it stopped with and the step it stopped at.
 """
 
+import errno
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
 import torch
 
 from sddpm.config import RunConfig
-from sddpm.training import train
+from sddpm.training import Trainer, train
+from sddpm.training import loop as loop_module
+
+
+def inject(mode: str, rank: int) -> None:
+    if mode == "disk-full" and rank == 0:
+
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        loop_module.save_checkpoint = full
+    elif mode == "sigterm-rank1" and rank == 1:
+        real = Trainer.train_step
+
+        def step(self, x):
+            if self.step + 1 == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real(self, x)
+
+        Trainer.train_step = step
 
 
 def main() -> None:
     config = RunConfig.from_json(Path(sys.argv[1]).read_text())
     run_dir, out = Path(sys.argv[2]), Path(sys.argv[3])
-    result = train(config, run_dir, progress=False)
+    mode = sys.argv[4] if len(sys.argv) > 4 else None
     rank = int(os.environ.get("RANK", "0"))
+    if mode is not None:
+        inject(mode, rank)
+        stopped_at = {}
+        real_after = Trainer._after_step
+
+        def after(self):
+            stopped_at["step"] = self.step
+            return real_after(self)
+
+        Trainer._after_step = after
+        try:
+            train(config, run_dir, progress=False)
+            error = None
+        except Exception as err:  # what each rank stopped with
+            error = f"{type(err).__name__}: {err}"
+        (out / f"rank{rank}.json").write_text(json.dumps({"error": error, **stopped_at}))
+        return
+    result = train(config, run_dir, progress=False)
     torch.save(
         {
             "losses": result.losses,

@@ -11,6 +11,7 @@ bit-identical (no tolerance needed, no spike can flip). With one micro-batch of 
 BatchNorm statistics differ and so does the loss (checked too, so the comparison has teeth).
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -18,19 +19,16 @@ from pathlib import Path
 
 import torch
 
-from sddpm.training import latest_checkpoint, train
+from sddpm.training import latest_checkpoint, resumable_checkpoints, train
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-def test_two_gloo_ranks_match_one_process(tmp_path, tiny):
-    kind = "spiking"
-    steps = 4
-    ddp_config = tiny(f"model.kind={kind}", f"total_steps={steps}", "checkpoint_every=0")
-    (tmp_path / "config.json").write_text(ddp_config.to_json())
+def _torchrun(tmp_path, config, *mode: str, run: str = "run"):
+    """Run ddp_worker.py on 2 Gloo ranks; returns its output folder."""
+    (tmp_path / "config.json").write_text(config.to_json())
     out = tmp_path / "out"
     out.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [
             sys.executable,
@@ -40,15 +38,28 @@ def test_two_gloo_ranks_match_one_process(tmp_path, tiny):
             "--nproc_per_node=2",
             str(WORKER),
             str(tmp_path / "config.json"),
-            str(tmp_path / "ddp_run"),
+            str(tmp_path / run),
             str(out),
+            *mode,
         ],
-        env=env,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=120,  # a rank left waiting in a collective would hang here
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out
+
+
+def _errors(out) -> tuple[dict, dict]:
+    return tuple(json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+
+
+def test_two_gloo_ranks_match_one_process(tmp_path, tiny):
+    kind = "spiking"
+    steps = 4
+    ddp_config = tiny(f"model.kind={kind}", f"total_steps={steps}", "checkpoint_every=0")
+    out = _torchrun(tmp_path, ddp_config, run="ddp_run")
     r0 = torch.load(out / "rank0.pt", weights_only=True)
     r1 = torch.load(out / "rank1.pt", weights_only=True)
     assert r0["world_size"] == 2 and len(r0["losses"]) == steps
@@ -71,3 +82,24 @@ def test_two_gloo_ranks_match_one_process(tmp_path, tiny):
         ddp_config.override(["grad_accum=1", "total_steps=1"]), tmp_path / "w", progress=False
     )
     assert whole.losses[0] != r0["losses"][0]  # BatchNorm over 8 images, not 2 x 4
+
+
+def test_a_failed_checkpoint_write_on_rank0_stops_every_rank(tmp_path, tiny):
+    config = tiny("total_steps=6", "checkpoint_every=2")
+    r0, r1 = _errors(_torchrun(tmp_path, config, "disk-full"))
+    assert r0["error"].startswith("CheckpointWriteError") and "No space left" in r0["error"]
+    assert "of step 2" in r0["error"]
+    assert (
+        r1["error"].startswith("CheckpointWriteError") and "rank 0 could not write" in r1["error"]
+    )
+    assert r0["step"] == r1["step"] == 2  # neither went on to step 3
+
+
+def test_a_signal_on_one_rank_stops_every_rank_at_the_same_logging_step(tmp_path, tiny):
+    config = tiny("total_steps=8", "checkpoint_every=0", "log_every=3")
+    r0, r1 = _errors(_torchrun(tmp_path, config, "sigterm-rank1"))
+    # rank 1 got SIGTERM in update 2; the ranks agree at the logging step 3 and stop there
+    assert r0["step"] == r1["step"] == 3
+    assert r0["error"].startswith("TrainingStopped") and r1["error"].startswith("TrainingStopped")
+    assert "step_00000003" in r0["error"]
+    assert [p.name for p in resumable_checkpoints(tmp_path / "run")] == ["step_00000003"]

@@ -115,3 +115,20 @@ def test_save_grid_writes_png(tmp_path):
     rgb = save_grid(torch.zeros(4, 3, 8, 8), tmp_path / "rgb.png")  # default scale: 4x
     assert Image.open(rgb).size == (4 * (2 * 10 + 2), 4 * (2 * 10 + 2))
     assert Image.open(rgb).mode == "RGB"
+
+
+def test_one_process_group_module_for_training_and_evaluation(monkeypatch):
+    from sddpm import distributed
+
+    assert distributed.shard_indices(7, 1, 3) == [1, 4]
+    with pytest.raises(ValueError, match="rank < world_size"):
+        distributed.shard_indices(7, 3, 3)
+    assert distributed.rank_and_world() == (0, 1)
+    with pytest.raises(ValueError, match="not a device name"):
+        distributed.check_device("gpu")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with distributed.distributed_from_env("cpu") as (rank, world, dev):
+        assert (rank, world, dev) == (0, 1, torch.device("cpu"))
+    ctx = distributed.setup_distributed("cpu")
+    assert not ctx.distributed and distributed.any_rank(ctx, True)
+    assert not distributed.any_rank(ctx, False)

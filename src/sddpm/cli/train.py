@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -58,6 +59,15 @@ def train_command(
     neuron_kernel: str | None = typer.Option(
         None, "--neuron-kernel", help="eager or compiled (torch.compile of the neuron loops)."
     ),
+    init_from: Path | None = typer.Option(
+        None,
+        "--init-from",
+        help=(
+            "Start a new run from a trained model's weights: a run directory (its newest good "
+            "checkpoint) or a model directory. Its EMA weights are used when present. Entries "
+            "the new config adds keep their init; any other mismatch is an error."
+        ),
+    ),
     overrides: list[str] | None = typer.Option(None, "--set", help=_SET_HELP),
     force: bool = typer.Option(
         False, "--force", help="Start afresh in an --out directory that already holds a run."
@@ -71,10 +81,18 @@ def train_command(
 
     Writes RUN_DIR/config.json (resolved config, format sddpm.run), metrics.csv,
     samples/step_XXXXXXXX.png and checkpoints/step_XXXXXXXX/ (a model directory loadable by
-    `sddpm.models.load_pretrained`, plus training_state.pt). Resume with --resume RUN_DIR.
+    `sddpm.models.load_pretrained`, plus training_state.pt and a checksum manifest). Resume with
+    --resume RUN_DIR. SIGTERM or Ctrl-C finishes the current step, writes a checkpoint and exits
+    (a second one exits at once).
     """
     from ..config import RunConfig, run_preset
-    from ..training import NonFiniteLossError, read_run_config, train
+    from ..training import (
+        CheckpointWriteError,
+        NonFiniteLossError,
+        TrainingStopped,
+        read_run_config,
+        train,
+    )
 
     if (out is None) == (resume is None):
         fail("give either --out DIR (a new run) or --resume DIR (continue a run)")
@@ -82,6 +100,8 @@ def train_command(
         fail("--resume takes the run's own config; use --set to change settings, not --preset")
     if out is not None and preset and config_file:
         fail("give --preset or --config, not both")
+    if init_from is not None and resume is not None:
+        fail("--init-from starts a new run (--out DIR); a resumed run continues its own weights")
 
     explicit = {
         "model.kind": model,
@@ -95,6 +115,7 @@ def train_command(
         "train.threads": threads,
         "train.compile": compile_model,
         "train.neuron_kernel": neuron_kernel,
+        "train.init_from": str(init_from) if init_from is not None else None,
     }
     try:
         if resume is not None:
@@ -126,6 +147,13 @@ def train_command(
     except NonFiniteLossError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(3) from None
+    except TrainingStopped as err:
+        typer.echo(f"stopped: {err}", err=True)
+        typer.echo(f"resume with: {err.resume_command}", err=True)
+        raise typer.Exit(128 + int(getattr(signal, err.signal_name))) from None
+    except CheckpointWriteError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
         return

@@ -35,6 +35,7 @@ def extract(table: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tens
     ``table`` is a float64 ``[T]`` schedule table; the cast to float32 after the gather is the
     published ``extract(...).float()``.
     """
+    # A table already on t's device (NoiseSchedule.to) is gathered without a host copy.
     out = table.to(t.device)[t].to(device=x.device, dtype=torch.float32)
     return out.view([t.shape[0]] + [1] * (x.dim() - 1))
 
@@ -130,6 +131,7 @@ def loss_map(
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     prediction: str = "eps",
+    check_t: bool = True,
 ) -> torch.Tensor:
     """Per-pixel training loss ``[B, C, H, W]`` (published ``F.mse_loss(..., reduction='none')``).
 
@@ -140,10 +142,16 @@ def loss_map(
         t, noise: the diffusion steps ``[B]`` and the noise ``[B, C, H, W]``; each one not given
             is drawn from ``generator`` (see :func:`draw_t_and_noise`).
         prediction: ``"eps"`` (target ``noise``) or ``"v"`` (target :func:`v_target`).
+        check_t: check a given ``t`` lies in ``[0, T)``. The check reads ``t`` back, so it
+            runs for CPU tensors only (an accelerator's step never waits on a host read); a
+            caller that validated ``t`` on the host where it drew it passes ``False``. A drawn
+            ``t`` is in range by construction.
     """
     check_prediction(prediction)
     if x0.dim() < 2:
         raise ValueError(f"x0 must be a batch [B, ...], got shape {tuple(x0.shape)}")
+    if t is None:
+        check_t = False  # drawn below, in range by construction
     if t is None or noise is None:
         t_drawn, noise_drawn = draw_t_and_noise(x0, schedule, generator)
         t = t_drawn if t is None else t
@@ -154,7 +162,7 @@ def loss_map(
         raise ValueError(
             f"noise shape {tuple(noise.shape)} differs from x0 shape {tuple(x0.shape)}"
         )
-    if int(t.min()) < 0 or int(t.max()) >= schedule.T:
+    if check_t and t.device.type == "cpu" and (int(t.min()) < 0 or int(t.max()) >= schedule.T):
         raise ValueError(f"t must be in [0, {schedule.T - 1}], got {int(t.min())}..{int(t.max())}")
     x_t = q_sample(x0, t, noise, schedule)
     target = noise if prediction == "eps" else v_target(x0, noise, t, schedule)
@@ -170,12 +178,20 @@ def training_loss(
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     prediction: str = "eps",
+    check_t: bool = True,
 ) -> torch.Tensor:
     """Per-sample loss ``[B]``: :func:`loss_map` averaged over every non-batch axis.
 
     Its mean over the batch equals the published ``loss.mean()``.
     """
     per_pixel = loss_map(
-        model, x0, schedule, t=t, noise=noise, generator=generator, prediction=prediction
+        model,
+        x0,
+        schedule,
+        t=t,
+        noise=noise,
+        generator=generator,
+        prediction=prediction,
+        check_t=check_t,
     )
     return per_pixel.flatten(1).mean(dim=1)

@@ -165,6 +165,24 @@ class NoiseSchedule:
             return {"kind": "custom", "T": self.T, "betas": self.betas.tolist()}
         return {"kind": self.kind, "T": self.T, **self.params}
 
+    def to(self, device: str | torch.device) -> NoiseSchedule:
+        """This schedule with every table on ``device`` (the CPU: ``self``), so that lookups
+        (:func:`sddpm.diffusion.loss.extract`) gather on the device with no host-to-device
+        copy per call. The copy is made once per device and cached on this schedule."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self
+        cache = self.__dict__.setdefault("_device_copies", {})
+        key = str(device)
+        if key not in cache:
+            copy = object.__new__(NoiseSchedule)
+            for name, value in self.__dict__.items():
+                if name != "_device_copies":
+                    moved = value.to(device) if isinstance(value, torch.Tensor) else value
+                    object.__setattr__(copy, name, moved)
+            cache[key] = copy
+        return cache[key]
+
     # ---------------------------------------------------------------- queries
     @property
     def T(self) -> int:

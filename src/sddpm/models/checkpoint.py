@@ -1,9 +1,8 @@
 """The model directory format: ``config.json`` + ``model.safetensors`` (+ ``ema.safetensors``).
 
-A training run directory holds model directories as checkpoints:
-``RUN_DIR/config.json`` (the run's resolved config, format ``sddpm.run``) and
-``RUN_DIR/checkpoints/step_XXXXXXXX/`` (each a model directory plus the training state).
-:func:`find_model_dir` resolves either kind of path to the model directory to load.
+A training run's checkpoints are model directories too; their layout, schema and integrity
+belong to :mod:`sddpm.rundir`, whose :func:`~sddpm.rundir.find_model_dir` resolves a model
+directory or a run directory to the (verified) model directory to load.
 
 A directory is loadable on its own: the config says how to build the network, the weights
 fill it. ``config.json`` holds ``{"format": "sddpm.model", "version": 1, "model": {...},
@@ -19,12 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..io import atomic_path, state_dict_mismatch, write_json
-from .config import UNetConfig
-from .unet import UNet, build_model
+from .unet import UNet
 
 FORMAT = "sddpm.model"
 VERSION = 1
@@ -101,55 +99,16 @@ def load_pretrained(
     """Build the model a directory describes and load its weights (``"model"`` or ``"ema"``;
     default: the directory's ``default_weights``). Returned in eval mode.
 
-    ``directory`` may also be a run directory: its latest checkpoint is loaded."""
-    directory = find_model_dir(directory)
-    config = read_config(directory)
-    which = weights or config.get("default_weights", "model")
-    if which not in WEIGHT_FILES:
-        raise ValueError(f"weights must be one of {sorted(WEIGHT_FILES)}, got {which!r}")
-    path = directory / WEIGHT_FILES[which]
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; available: {_available(directory)}")
-    model = build_model(UNetConfig.from_dict(config["model"]))
-    load_state_into(model, load_file(str(path), device=map_location), str(path))
-    return model.eval()
+    ``directory`` may also be a run directory: its newest good checkpoint is loaded
+    (:func:`sddpm.rundir.load_model`, which also verifies the files)."""
+    from ..rundir import load_model  # the run layout sits above the model format
 
-
-CHECKPOINTS_DIR = "checkpoints"
-STEP_PREFIX = "step_"
-
-
-def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints of a run (those with a ``config.json``), oldest step first."""
-    root = Path(run_dir) / CHECKPOINTS_DIR
-    if not root.is_dir():
-        return []
-    found = []
-    for d in root.iterdir():
-        suffix = d.name.removeprefix(STEP_PREFIX)
-        if d.name.startswith(STEP_PREFIX) and suffix.isdigit() and (d / CONFIG_NAME).is_file():
-            found.append((int(suffix), d))
-    return [d for _, d in sorted(found)]
+    return load_model(directory, weights=weights, map_location=map_location).model
 
 
 def find_model_dir(path: str | os.PathLike) -> Path:
-    """A model directory as is, or the latest complete checkpoint of a run directory."""
-    path = Path(path)
-    if (path / CONFIG_NAME).is_file():
-        try:
-            if json.loads((path / CONFIG_NAME).read_text()).get("format") == FORMAT:
-                return path
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path / CONFIG_NAME} is not valid JSON: {err}") from None
-    ckpts = checkpoint_dirs(path)
-    if not ckpts:
-        raise FileNotFoundError(
-            f"{path} holds no checkpoint: expected a model directory (config.json + "
-            f"model.safetensors) or a run directory with {CHECKPOINTS_DIR}/{STEP_PREFIX}*/ "
-            "(train one with `sddpm train`, or convert a published one with `sddpm convert`)"
-        )
-    return ckpts[-1]
+    """A (verified) model directory as is, or a run directory's newest good checkpoint: see
+    :func:`sddpm.rundir.find_model_dir`."""
+    from ..rundir import find_model_dir as _find
 
-
-def _available(directory: Path) -> list[str]:
-    return [k for k, f in WEIGHT_FILES.items() if (directory / f).is_file()]
+    return _find(path)

@@ -201,7 +201,13 @@ class UNet(nn.Module):
     """The SDDPM U-Net: ``model(x_t [B,C,H,W], t [B] int) -> eps [B,C,H,W]``.
 
     Build it with :func:`sddpm.models.build_model` (or :class:`SpikingUNet` / :class:`ANNUNet`).
+
+    ``check_t_values`` (default ``True``): check every ``t`` lies in ``[0, diffusion_steps)``
+    (CPU tensors only). A caller that draws ``t`` itself and has checked its range on the host
+    (the trainer) sets it to ``False``, so that a training step reads nothing back.
     """
+
+    check_t_values: bool = True
 
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
@@ -291,7 +297,8 @@ class UNet(nn.Module):
             # The value check reads t on the host: done for CPU tensors only, so that a GPU
             # step never waits on a device sync and torch.compile sees no graph break.
             if (
-                t.numel()
+                self.check_t_values
+                and t.numel()
                 and t.device.type == "cpu"
                 and not torch.compiler.is_compiling()
                 and (int(t.min()) < 0 or int(t.max()) >= c.diffusion_steps)

@@ -30,53 +30,65 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import RunConfig
 from ..data import BatchIterator, ShardedInfiniteSampler, build_dataset
 from ..diffusion import draw_t_and_noise, initial_noise, sample, training_loss
-from ..images import save_grid
-from ..models import build_model
-from ..models.checkpoint import WEIGHT_FILES, load_state_into
-from ..runtime import retain_freed_memory
-from ..snn import set_neuron_kernel
-from .checkpoint import (
-    METRICS_NAME,
-    SAMPLES_DIR,
-    TENSORBOARD_DIR,
-    TRAINING_STATE_FORMAT,
-    checkpoint_step,
-    latest_checkpoint,
-    load_training_state,
-    prune_checkpoints,
-    remove_partial_checkpoints,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-    step_name,
-    write_run_config,
-)
-from .distributed import (
+from ..distributed import (
     DistContext,
     all_gather_objects,
-    all_reduce_mean,
+    any_rank,
     barrier,
     cleanup_distributed,
     setup_distributed,
 )
+from ..images import save_grid
+from ..io import state_dict_mismatch
+from ..models import build_model
+from ..models.checkpoint import load_state_into, read_config
+from ..models.config import UNetConfig
+from ..rundir import (
+    METRICS_NAME,
+    SAMPLES_DIR,
+    TENSORBOARD_DIR,
+    TRAINING_STATE_FORMAT,
+    Checkpoint,
+    find_model_dir,
+    latest_resumable,
+    load_weights,
+    prune_checkpoints,
+    remove_partial_checkpoints,
+    save_checkpoint,
+    step_name,
+    write_run_config,
+)
+from ..runtime import retain_freed_memory
+from ..snn import set_neuron_kernel
+from .checkpoint import rng_state, set_rng_state
 from .ema import EMA
 from .metrics import MetricsLogger
 from .optim import build_optimizer, trainable_parameters
+from .signals import StopRequest
 
-__all__ = ["NonFiniteLossError", "TrainResult", "micro_batch_positions", "step_seed", "train"]
+__all__ = [
+    "CheckpointWriteError",
+    "NonFiniteLossError",
+    "TrainResult",
+    "Trainer",
+    "TrainingStopped",
+    "micro_batch_positions",
+    "step_seed",
+    "train",
+]
 
 _NOISE_STREAM = 0x5DD9
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss (or gradient norm) became NaN or infinite; the run stopped before updating."""
+    """The loss (or gradient norm) became NaN or infinite; the run stopped without writing a
+    checkpoint after it."""
 
     def __init__(self, step: int, loss: float, grad_norm: float, checkpoint: Path | None) -> None:
         self.step, self.loss, self.grad_norm, self.checkpoint = step, loss, grad_norm, checkpoint
@@ -87,9 +99,28 @@ class NonFiniteLossError(RuntimeError):
         )
         super().__init__(
             f"non-finite training loss at step {step} (loss {loss}, gradient norm {grad_norm}); "
-            f"stopped without applying that update: {where}. Lower the learning rate (e.g. "
-            "--set lr=...) or check the data, then resume with `sddpm train --resume RUN_DIR`."
+            f"stopped without writing a checkpoint after it: {where}. Lower the learning "
+            "rate (e.g. --set lr=...) or check the data, then resume with "
+            "`sddpm train --resume RUN_DIR`."
         )
+
+
+class TrainingStopped(RuntimeError):
+    """SIGTERM or SIGINT stopped the run after a whole step; a checkpoint of that step was
+    written (``checkpoint``) and ``resume_command`` continues it."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path | None, run_dir: Path) -> None:
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+        self.resume_command = f"sddpm train --resume {run_dir}"
+        super().__init__(
+            f"{signal_name} received: stopped after step {step} and wrote {checkpoint}; "
+            f"continue with `{self.resume_command}`"
+        )
+
+
+class CheckpointWriteError(RuntimeError):
+    """Rank 0 could not write a checkpoint or sample grid (e.g. the disk is full); every rank
+    stops with this error instead of waiting for rank 0 in the next collective."""
 
 
 @dataclass
@@ -130,23 +161,6 @@ def _autocast(device: torch.device, enabled: bool):
     return contextlib.nullcontext()
 
 
-def _schedule_for(config: RunConfig):
-    return config.diffusion.build()
-
-
-def _checkpoint_extra(config: RunConfig, schedule, step: int, world_size: int) -> dict[str, Any]:
-    return {
-        # what sampling needs: read back by sddpm.generation.load_for_sampling
-        "diffusion": {"schedule": schedule.to_dict(), "prediction": config.diffusion.prediction},
-        "run": {
-            "step": int(step),
-            "images_seen": int(step) * config.train.batch_size,
-            "world_size": world_size,
-            "config": config.to_dict(),
-        },
-    }
-
-
 def _apply_optim_settings(optimizer, scheduler, config: RunConfig) -> None:
     """Make a resumed optimiser follow ``config`` (which ``--set`` may have changed): lr,
     betas, eps, weight decay and warm-up. Unchanged settings give the saved values exactly."""
@@ -174,9 +188,15 @@ def train(
     """Train a model as ``config`` says, writing the run into ``run_dir``.
 
     Works alone or under ``torchrun`` (DDP over the ``env://`` process group; rank 0 alone
-    writes files). ``resume=True`` continues from the newest checkpoint in ``run_dir`` (or
-    starts afresh when there is none yet). Stops with :class:`NonFiniteLossError` when the loss
-    or the gradient norm is not finite, before applying that update.
+    writes files). ``resume=True`` continues from the newest good checkpoint in ``run_dir``
+    (or starts afresh when there is none yet); a fresh start with ``train.init_from`` set
+    begins from that model's weights (:meth:`Trainer.restore`).
+
+    Stops with :class:`NonFiniteLossError` when the loss or the gradient norm is not finite
+    (found at the next logging or checkpoint step, before any checkpoint after it is written),
+    with :class:`TrainingStopped` after SIGTERM or SIGINT (a checkpoint of the last whole step
+    is written first; a second signal exits at once), and with :class:`CheckpointWriteError`
+    on every rank when rank 0 cannot write.
 
     Returns a :class:`TrainResult` on every rank.
     """
@@ -185,304 +205,508 @@ def train(
         torch.set_num_threads(config.train.threads)
     ctx = setup_distributed(config.train.device)
     try:
-        return _train(config, Path(run_dir), ctx, resume, command, progress)
+        trainer = Trainer(config, Path(run_dir), ctx, command=command, progress=progress)
+        trainer.setup()
+        trainer.restore(resume)
+        return trainer.run()
     finally:
         cleanup_distributed(ctx)
 
 
-def _train(
-    config: RunConfig,
-    run_dir: Path,
-    ctx: DistContext,
-    resume: bool,
-    command: list[str] | None,
-    progress: bool,
-) -> TrainResult:
-    tcfg, device = config.train, ctx.device
-    world, accum = ctx.world_size, tcfg.grad_accum
-    if tcfg.batch_size % (world * accum):
-        raise ValueError(
-            f"train.batch_size {tcfg.batch_size} must be divisible by world_size ({world}) x "
-            f"grad_accum ({accum}) = {world * accum}"
-        )
-    micro = tcfg.batch_size // (world * accum)
-    unet_cfg = config.unet_config()
-    schedule = _schedule_for(config)
-    shape = (unet_cfg.image_channels, unet_cfg.image_size, unet_cfg.image_size)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    elif tcfg.retain_cpu_memory:
-        retain_freed_memory()  # no page faults for the large activations of every step
+class Trainer:
+    """One training run: :meth:`setup` (data, model, optimiser, EMA), :meth:`restore` (resume
+    or initialise), then :meth:`run`, which repeats :meth:`train_step` (one optimiser update,
+    no host sync) and, at their steps, :meth:`save` (a checkpoint) and :meth:`sample` (a grid).
 
-    # -- data (rank 0 downloads first, the others then read the files)
-    def make_dataset(download: bool):
-        return build_dataset(
-            config.data.dataset,
-            root=config.data.root,
-            image_size=unet_cfg.image_size,
-            hflip=config.data.hflip,
-            download=download,
-            seed=tcfg.seed,
-            channels=unet_cfg.image_channels if config.data.dataset == "folder" else None,
-        )
+    **Host syncs.** A step keeps its loss, gradient norm, finiteness record and EMA on the
+    device and the schedule tables live there too; they are read back only at logging and
+    checkpoint steps (:meth:`_sync`), in one transfer. Under DDP the stop request of a signal
+    travels in the same all-reduce, so every rank stops at the same step.
+    """
 
-    if ctx.is_main:
-        dataset = make_dataset(config.data.download)
-    barrier(ctx)
-    if not ctx.is_main:
-        dataset = make_dataset(False)
-    item = dataset[0]
-    if tuple(item.shape) != shape:
-        raise ValueError(
-            f"dataset {config.data.dataset} gives images of shape {tuple(item.shape)} but the "
-            f"model takes {shape}"
-        )
-    sampler = ShardedInfiniteSampler(len(dataset), seed=tcfg.seed, rank=ctx.rank, world_size=world)
-    batches = BatchIterator(
-        dataset,
-        batch_size=accum * micro,
-        sampler=sampler,
-        num_workers=config.data.num_workers,
-        pin_memory=device.type == "cuda",
-    )
-
-    # -- model, optimiser, EMA: the same initial weights on every rank
-    torch.manual_seed(tcfg.seed)
-    model = build_model(unet_cfg)
-    set_neuron_kernel(model, tcfg.neuron_kernel)
-    if tcfg.sync_bn and world > 1:
-        if device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        elif ctx.is_main:
-            warnings.warn(
-                "train.sync_bn needs CUDA (torch's SyncBatchNorm has no CPU kernel); "
-                "BatchNorm statistics stay per rank",
-                stacklevel=2,
+    def __init__(
+        self,
+        config: RunConfig,
+        run_dir: Path,
+        ctx: DistContext,
+        *,
+        command: list[str] | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.config, self.run_dir, self.ctx = config, Path(run_dir), ctx
+        self.command, self.progress = command, progress
+        self.tcfg, self.device = config.train, ctx.device
+        world, accum = ctx.world_size, self.tcfg.grad_accum
+        if self.tcfg.batch_size % (world * accum):
+            raise ValueError(
+                f"train.batch_size {self.tcfg.batch_size} must be divisible by world_size "
+                f"({world}) x grad_accum ({accum}) = {world * accum}"
             )
-    model.to(device)
-    optimizer, scheduler = build_optimizer(model, config.optim, tcfg.total_steps)
-    ema = EMA(model, config.optim.ema_decay)
+        self.micro = self.tcfg.batch_size // (world * accum)
+        self.unet_cfg = config.unet_config()
+        self.schedule = config.diffusion.build()
+        if self.schedule.T != self.unet_cfg.diffusion_steps:
+            raise ValueError(
+                f"the schedule has {self.schedule.T} steps but the model embeds "
+                f"{self.unet_cfg.diffusion_steps}"
+            )
+        c = self.unet_cfg
+        self.shape = (c.image_channels, c.image_size, c.image_size)
+        self.step = self.start_step = 0
+        self.elapsed_before = 0.0
+        self.last_ckpt: Path | None = None
+        self.resumed = False
+        self.losses: list[float] = []
+        self.samples: list[Path] = []
+        self.logger: MetricsLogger | None = None
+        self.stop = StopRequest(announce=ctx.is_main)
+        self.stop.describe = lambda: f"finishing step {self.step + 1}, then writing a checkpoint"
+        self._pending: list[torch.Tensor] = []  # per-step losses not yet read back
+        self._window: list[float] = []  # losses since the last log row
+        self._sample_model: nn.Module | None = None
 
-    start_step, elapsed_before, ckpt = 0, 0.0, None
-    if resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None and ctx.is_main:
-            print(f"{run_dir} has no checkpoint yet: starting from step 0", file=sys.stderr)
-    if ckpt is not None:
-        state = load_training_state(ckpt)
-        if state.get("format") != TRAINING_STATE_FORMAT:
-            raise ValueError(f"{ckpt} holds no sddpm training state")
-        load_state_into(model, load_file(str(ckpt / WEIGHT_FILES["model"])), str(ckpt))
-        ema_file = ckpt / WEIGHT_FILES["ema"]
-        if ema_file.is_file():
-            ema.load_state_dict(load_file(str(ema_file), device=str(device)))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _apply_optim_settings(optimizer, scheduler, config)
-        batches.load_state_dict(state["data"])
-        start_step = int(state["step"])
-        elapsed_before = float(state.get("elapsed_s", 0.0))
-        rngs = state.get("rng") or []
-        if len(rngs) == world:
-            set_rng_state(rngs[ctx.rank], device)
-        if checkpoint_step(ckpt) != start_step:
-            raise ValueError(f"{ckpt} holds the state of step {start_step}, not its name's")
-    else:
-        # Nothing in the loop draws from these (see the module docstring); seeded per rank for
-        # any user code that does.
-        torch.manual_seed(tcfg.seed + ctx.rank)
-        np.random.seed((tcfg.seed + ctx.rank) % 2**32)
-        random.seed(tcfg.seed + ctx.rank)
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        """Data, model, optimiser and EMA: the same initial weights on every rank."""
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv once
+        elif self.tcfg.retain_cpu_memory:
+            retain_freed_memory()  # no page faults for the large activations of every step
+        self._setup_data()
+        self._setup_model()
 
-    net: nn.Module = model
-    ddp = None
-    if world > 1:
-        ddp = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+    def _make_dataset(self, download: bool):
+        c = self.config
+        return build_dataset(
+            c.data.dataset,
+            root=c.data.root,
+            image_size=self.unet_cfg.image_size,
+            hflip=c.data.hflip,
+            download=download,
+            seed=self.tcfg.seed,
+            channels=self.unet_cfg.image_channels if c.data.dataset == "folder" else None,
         )
-        net = ddp
-    if tcfg.compile:
-        net = torch.compile(net)
 
-    # -- run directory (rank 0 only)
-    logger = None
-    if ctx.is_main:
+    def _setup_data(self) -> None:
+        ctx = self.ctx
+        # rank 0 downloads first, the others then read the files
+        dataset = self._make_dataset(self.config.data.download) if ctx.is_main else None
+        barrier(ctx)
+        if dataset is None:
+            dataset = self._make_dataset(False)
+        item = dataset[0]
+        if tuple(item.shape) != self.shape:
+            raise ValueError(
+                f"dataset {self.config.data.dataset} gives images of shape "
+                f"{tuple(item.shape)} but the model takes {self.shape}"
+            )
+        sampler = ShardedInfiniteSampler(
+            len(dataset), seed=self.tcfg.seed, rank=ctx.rank, world_size=ctx.world_size
+        )
+        self.batches = BatchIterator(
+            dataset,
+            batch_size=self.tcfg.grad_accum * self.micro,
+            sampler=sampler,
+            num_workers=self.config.data.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def _setup_model(self) -> None:
+        ctx, tcfg, device = self.ctx, self.tcfg, self.device
+        torch.manual_seed(tcfg.seed)
+        model = build_model(self.unet_cfg)
+        set_neuron_kernel(model, tcfg.neuron_kernel)
+        # t is drawn below as randint(0, schedule.T) and schedule.T == diffusion_steps was
+        # checked on the host: the model need not read t back to check it again.
+        model.check_t_values = False
+        if tcfg.sync_bn and ctx.world_size > 1:
+            if device.type == "cuda":
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            elif ctx.is_main:
+                warnings.warn(
+                    "train.sync_bn needs CUDA (torch's SyncBatchNorm has no CPU kernel); "
+                    "BatchNorm statistics stay per rank",
+                    stacklevel=2,
+                )
+        self.model = model.to(device)
+        self.optimizer, self.scheduler = build_optimizer(model, self.config.optim, tcfg.total_steps)
+        self.ema = EMA(model, self.config.optim.ema_decay)
+        self.params = trainable_parameters(model)
+        # No clipping still measures the norm (for the log and the finiteness check).
+        grad_clip = self.config.optim.grad_clip
+        self.clip = float(grad_clip) if grad_clip else math.inf
+        self.schedule_on_device = self.schedule.to(device)
+        self.generator = torch.Generator(device=device)
+        accum, world = tcfg.grad_accum, ctx.world_size
+        self.positions = [
+            micro_batch_positions(k, self.micro, accum, world, ctx.rank).to(device)
+            for k in range(accum)
+        ]
+        self._bad_step = torch.zeros((), dtype=torch.int64, device=device)
+        self._bad_values = torch.zeros(2, dtype=torch.float64, device=device)
+        self._last_norm = torch.zeros((), device=device)
+
+    def _wrap(self) -> None:
+        """``self.net``: the model as the step calls it (DDP, then ``torch.compile``).
+
+        Compiling the DDP wrapper, not the inner module, is what PyTorch documents for DDP:
+        DDP's own forward runs eagerly (so ``no_sync`` and its gradient hooks work) and
+        Dynamo's DDP optimiser splits the compiled graph at the gradient buckets, so the
+        all-reduce still overlaps the backward pass. Checked on the CPU: 2 Gloo ranks,
+        ``grad_accum=2`` (the ``no_sync`` path), ``torch.compile(backend="aot_eager")``,
+        3 steps: equal losses and parameters on both ranks (70 s, too slow for the suite)."""
+        net: nn.Module = self.model
+        self.ddp = None
+        if self.ctx.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            net = self.ddp
+        if self.tcfg.compile:
+            net = torch.compile(net)
+        self.net = net
+
+    # ------------------------------------------------------------------ restore
+    def restore(self, resume: bool) -> None:
+        """Continue from the run's newest good checkpoint (``resume``), else start afresh:
+        from ``train.init_from``'s weights when set, from the seeded initialisation otherwise.
+        Then wrap the model for the step and open the run directory."""
+        ckpt = latest_resumable(self.run_dir) if resume else None
+        if resume and ckpt is None and self.ctx.is_main:
+            print(f"{self.run_dir} has no checkpoint yet: starting from step 0", file=sys.stderr)
+        if ckpt is not None:
+            self._restore_checkpoint(ckpt)
+        else:
+            if self.tcfg.init_from:
+                self.init_from(self.tcfg.init_from)
+            # Nothing in the loop draws from these (see the module docstring); seeded per rank
+            # for any user code that does.
+            rank = self.ctx.rank
+            torch.manual_seed(self.tcfg.seed + rank)
+            np.random.seed((self.tcfg.seed + rank) % 2**32)
+            random.seed(self.tcfg.seed + rank)
+        self.resumed = resume
+        self._wrap()
+        self._open_run_dir()
+
+    def _restore_checkpoint(self, ckpt: Checkpoint) -> None:
+        state = ckpt.training_state
+        if state.get("format") != TRAINING_STATE_FORMAT:
+            raise ValueError(f"{ckpt.path} holds no sddpm training state")
+        load_state_into(self.model, ckpt.model_state, str(ckpt.path))
+        if ckpt.ema_state is not None:
+            self.ema.load_state_dict(ckpt.ema_state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        _apply_optim_settings(self.optimizer, self.scheduler, self.config)
+        self.batches.load_state_dict(state["data"])
+        self.step = self.start_step = ckpt.step
+        self.elapsed_before = float(state.get("elapsed_s", 0.0))
+        rngs = state.get("rng") or []
+        if len(rngs) == self.ctx.world_size:
+            set_rng_state(rngs[self.ctx.rank], self.device)
+        self.last_ckpt = ckpt.path
+
+    def init_from(self, source: str | os.PathLike) -> list[str]:
+        """Load a trained model's weights into this fresh run's model (and EMA).
+
+        ``source`` is a model directory or a run directory (its newest good checkpoint). Its
+        EMA weights are used when it has them (the averaged model is the one a fine-tune
+        starts from, as SDM does), its raw weights otherwise. Entries this run's config adds
+        (absent from a model built with the source's own config, e.g. a new block's scales)
+        keep their initialisation; any other difference (a missing, unexpected or mis-shaped
+        entry) is a ``ValueError`` listing them. Returns the names that kept their init."""
+        directory = find_model_dir(source)
+        which = "ema" if (directory / "ema.safetensors").is_file() else "model"
+        given = load_weights(directory, which)
+        source_keys = set(
+            build_model(UNetConfig.from_dict(read_config(directory)["model"])).state_dict()
+        )
+        expected = self.model.state_dict()
+        added = [k for k in expected if k not in given and k not in source_keys]
+        fill = {k: expected[k] for k in added}
+        problem = state_dict_mismatch({k: v.shape for k, v in expected.items()}, {**given, **fill})
+        if problem:
+            raise ValueError(
+                f"--init-from {directory}: its {which} weights do not fit this run's model "
+                f"({problem}); only entries this run's config adds may be missing"
+            )
+        self.model.load_state_dict({**given, **fill})
+        self.ema = EMA(self.model, self.config.optim.ema_decay)
+        if self.ctx.is_main:
+            kept = f"; {len(added)} new entries keep their init: {added[:5]}" if added else ""
+            print(f"initialised from {directory} ({which} weights){kept}", file=sys.stderr)
+        return added
+
+    def _open_run_dir(self) -> None:
+        if not self.ctx.is_main:
+            return
+        run_dir = self.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_partial_checkpoints(run_dir)
-        write_run_config(run_dir, config, command)
-        logger = MetricsLogger(
+        write_run_config(run_dir, self.config, self.command)
+        self.logger = MetricsLogger(
             run_dir / METRICS_NAME,
             tensorboard_dir=run_dir / TENSORBOARD_DIR,
-            resume_step=start_step if resume else None,
+            resume_step=self.start_step if self.resumed else None,
         )
-        if ckpt is not None:
-            tqdm.write(f"resuming {run_dir} from {ckpt.name} (step {start_step})", file=sys.stderr)
-        if start_step >= tcfg.total_steps:
+        if self.last_ckpt is not None:
             tqdm.write(
-                f"{run_dir} is already at step {start_step} of {tcfg.total_steps}; nothing to do "
-                "(extend it with --set total_steps=N)",
+                f"resuming {run_dir} from {self.last_ckpt.name} (step {self.start_step})",
+                file=sys.stderr,
+            )
+        if self.start_step >= self.tcfg.total_steps:
+            tqdm.write(
+                f"{run_dir} is already at step {self.start_step} of {self.tcfg.total_steps}; "
+                "nothing to do (extend it with --set total_steps=N)",
                 file=sys.stderr,
             )
 
-    params = trainable_parameters(model)
-    # No clipping still measures the norm (for the log and the finiteness check).
-    clip = float(config.optim.grad_clip) if config.optim.grad_clip else math.inf
-    generator = torch.Generator(device=device)
-    global_shape = (tcfg.batch_size, *shape)
-    positions = [micro_batch_positions(k, micro, accum, world, ctx.rank) for k in range(accum)]
-    positions = [p.to(device) for p in positions]
-    sample_model: nn.Module | None = None
-    samples: list[Path] = []
-    losses: list[float] = []
-    last_ckpt = ckpt
+    # ------------------------------------------------------------------ one update
+    def train_step(self, x: torch.Tensor) -> None:
+        """One optimiser update on this rank's images ``x`` ``[A m, C, H, W]`` in [-1, 1];
+        nothing is read back to the host (see the class docstring)."""
+        tcfg, device, accum, ddp = self.tcfg, self.device, self.tcfg.grad_accum, self.ddp
+        self.model.train()
+        x = x.to(device, non_blocking=True)
+        self.generator.manual_seed(step_seed(tcfg.seed, self.step))
+        t_all, noise_all = draw_t_and_noise(
+            torch.empty((tcfg.batch_size, *self.shape), device=device),
+            self.schedule_on_device,
+            self.generator,
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=device)
+        for k in range(accum):
+            pos = self.positions[k]
+            sync = ddp.no_sync() if ddp is not None and k < accum - 1 else contextlib.nullcontext()
+            with sync:
+                with _autocast(device, tcfg.bf16):
+                    loss = training_loss(
+                        self.net,
+                        x[k::accum],
+                        self.schedule_on_device,
+                        t=t_all[pos],
+                        noise=noise_all[pos],
+                        prediction=self.config.diffusion.prediction,
+                        check_t=False,  # drawn above from randint(0, T)
+                    ).mean()
+                (loss / accum).backward()
+            loss_sum += loss.detach().float()
+        loss_mean = loss_sum / accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        # The first non-finite update's number, loss and norm, recorded on the device.
+        first = ~(torch.isfinite(loss_mean) & torch.isfinite(grad_norm)) & (self._bad_step == 0)
+        self._bad_step = torch.where(first, self.step + 1, self._bad_step)
+        record = torch.stack([loss_mean.double(), grad_norm.detach().double()])
+        self._bad_values = torch.where(first, record, self._bad_values)
+        self._last_norm = grad_norm.detach()
+        self._last_lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.ema.update(self.model)
+        self._pending.append(loss_mean)
+        self.step += 1
 
-    def checkpoint(step: int, elapsed: float) -> Path | None:
-        rng = all_gather_objects(ctx, rng_state(device))
-        path = None
-        if ctx.is_main:
-            training_state = {
-                "format": TRAINING_STATE_FORMAT,
-                "version": 1,
-                "step": step,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "data": batches.state_dict(),
-                "rng": rng,
-                "world_size": world,
-                "elapsed_s": elapsed,
-            }
-            path = save_checkpoint(
-                run_dir,
-                step,
-                model,
-                training_state,
-                ema_state=ema.state_dict(),
-                extra=_checkpoint_extra(config, schedule, step, world),
+    def _sync(self, log: bool) -> bool:
+        """Read back the losses since the last sync (mean over ranks), check they were finite,
+        write a log row if ``log``; returns whether any rank was asked to stop."""
+        ctx = self.ctx
+        n = len(self._pending)
+        flags = torch.stack(
+            [
+                (self._bad_step > 0).float(),
+                torch.tensor(float(self.stop.requested), device=self.device),
+            ]
+        )
+        reduced = torch.cat([torch.stack(self._pending).float(), flags]) if n else flags
+        if ctx.distributed:
+            torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.SUM)
+            reduced[:n] /= ctx.world_size
+        local = torch.cat(
+            [self._last_norm.double().view(1), self._bad_values, self._bad_step.double().view(1)]
+        )
+        values = torch.cat([reduced.double(), local]).tolist()  # the one read-back
+        losses, (bad, stop, norm, bad_loss, bad_norm, bad_step) = values[:n], values[n:]
+        self._pending.clear()
+        self.losses.extend(losses)
+        self._window.extend(losses)
+        if bad > 0:
+            step = int(bad_step) if bad_step > 0 else self.step
+            raise NonFiniteLossError(step, bad_loss, bad_norm, self.last_ckpt)
+        if log:
+            self._log(norm)
+        return stop > 0
+
+    def _log(self, grad_norm: float) -> None:
+        now = time.perf_counter()
+        rate = (self.step - self._window_start) / max(now - self._t_window, 1e-9)
+        row = {
+            "step": self.step,
+            "loss": float(np.mean(self._window)),
+            "lr": self._last_lr,
+            "grad_norm": grad_norm,
+            "steps_per_s": rate,
+            "images_per_s": rate * self.tcfg.batch_size,
+            "elapsed_s": self.elapsed_before + now - self._t_start,
+        }
+        if self.logger is not None:
+            self.logger.log(row)
+        self.bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
+        self._t_window, self._window, self._window_start = now, [], self.step
+
+    # ------------------------------------------------------------------ rank 0's writes
+    def _on_main(self, what: str, write) -> Any:
+        """``write()`` on rank 0; every rank then learns whether it failed, so that all stop
+        with the error instead of the others waiting for rank 0 in the next collective."""
+        result, error = None, None
+        if self.ctx.is_main:
+            try:
+                result = write()
+            except Exception as err:  # e.g. OSError: no space left on device
+                error = err
+        if any_rank(self.ctx, error is not None):
+            if error is not None:
+                raise CheckpointWriteError(
+                    f"could not write the {what} of step {self.step} in {self.run_dir}: {error}. "
+                    f"The last good checkpoint is {self.last_ckpt}; free space and continue "
+                    f"with `sddpm train --resume {self.run_dir}`"
+                ) from error
+            raise CheckpointWriteError(
+                f"rank 0 could not write the {what} of step {self.step}: this rank stops too "
+                "(rank 0's log has the reason)"
             )
-            prune_checkpoints(run_dir, tcfg.keep_last)
+        return result
+
+    def save(self) -> Path | None:
+        """Write the checkpoint of the current step (rank 0; the path, ``None`` elsewhere)."""
+        rng = all_gather_objects(self.ctx, rng_state(self.device))
+        elapsed = self.elapsed_before + time.perf_counter() - self._t_start
+        training_state = {
+            "format": TRAINING_STATE_FORMAT,
+            "version": 1,
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.batches.state_dict(),
+            "rng": rng,
+            "world_size": self.ctx.world_size,
+            "elapsed_s": elapsed,
+        }
+        config = self.config
+
+        def write() -> Path:
+            path = save_checkpoint(
+                self.run_dir,
+                self.step,
+                self.model,
+                training_state,
+                ema_state=self.ema.state_dict(),
+                schedule=self.schedule,
+                prediction=config.diffusion.prediction,
+                extra={
+                    "run": {
+                        "step": self.step,
+                        "images_seen": self.step * config.train.batch_size,
+                        "world_size": self.ctx.world_size,
+                        "config": config.to_dict(),
+                    }
+                },
+            )
+            prune_checkpoints(self.run_dir, self.tcfg.keep_last)
+            return path
+
+        path = self._on_main("checkpoint", write)
+        self.last_ckpt = path if self.ctx.is_main else self.last_ckpt
         return path
 
-    def draw_samples(step: int) -> Path:
-        nonlocal sample_model
-        if sample_model is None:
-            sample_model = build_model(unet_cfg).to(device)
-            set_neuron_kernel(sample_model, tcfg.neuron_kernel)
-        sample_model.load_state_dict(ema.state_dict())
-        sample_model.eval()
-        x_T = initial_noise(tcfg.num_samples, shape, seed=tcfg.seed, device=device)
+    def sample(self) -> Path | None:
+        """Write a sample grid of the EMA model (rank 0; the path, ``None`` elsewhere)."""
+        return self._on_main("sample grid", self._draw_samples)
+
+    def _draw_samples(self) -> Path:
+        tcfg, device = self.tcfg, self.device
+        if self._sample_model is None:
+            self._sample_model = build_model(self.unet_cfg).to(device)
+            set_neuron_kernel(self._sample_model, tcfg.neuron_kernel)
+        self._sample_model.load_state_dict(self.ema.state_dict())
+        self._sample_model.eval()
+        x_T = initial_noise(tcfg.num_samples, self.shape, seed=tcfg.seed, device=device)
         images = sample(
-            sample_model,
+            self._sample_model,
             x_T,
             sampler=tcfg.sampler,
-            steps=min(tcfg.sample_steps, schedule.T),
-            schedule=schedule,
+            steps=min(tcfg.sample_steps, self.schedule.T),
+            schedule=self.schedule,
             seed=tcfg.seed,
-            prediction=config.diffusion.prediction,
+            prediction=self.config.diffusion.prediction,
         )
-        path = save_grid(images, run_dir / SAMPLES_DIR / f"{step_name(step)}.png")
+        path = save_grid(images, self.run_dir / SAMPLES_DIR / f"{step_name(self.step)}.png")
+        self.samples.append(path)
         return path
 
-    bar = tqdm(
-        total=tcfg.total_steps,
-        initial=start_step,
-        disable=not (progress and ctx.is_main),
-        unit="step",
-        dynamic_ncols=True,
-        smoothing=0.05,
-        desc=f"train {config.model.kind}",
-    )
-    t_start = time.perf_counter()
-    t_window, window_losses, window_start = t_start, [], start_step
-    step = start_step
-    try:
-        while step < tcfg.total_steps:
-            model.train()
-            x = next(batches).to(device, non_blocking=True)
-            generator.manual_seed(step_seed(tcfg.seed, step))
-            t_all, noise_all = draw_t_and_noise(
-                torch.empty(global_shape, device=device), schedule, generator
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum = torch.zeros((), device=device)
-            for k in range(accum):
-                pos = positions[k]
-                sync = (
-                    ddp.no_sync() if ddp is not None and k < accum - 1 else contextlib.nullcontext()
-                )
-                with sync:
-                    with _autocast(device, tcfg.bf16):
-                        loss = training_loss(
-                            net,
-                            x[k::accum],
-                            schedule,
-                            t=t_all[pos],
-                            noise=noise_all[pos],
-                            prediction=config.diffusion.prediction,
-                        ).mean()
-                    (loss / accum).backward()
-                loss_sum += loss.detach().float()
-            loss_mean = all_reduce_mean(ctx, loss_sum / accum)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-            loss_value, norm_value = float(loss_mean), float(grad_norm)
-            if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-                raise NonFiniteLossError(step + 1, loss_value, norm_value, last_ckpt)
-            lr_used = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            ema.update(model)
-            step += 1
-            losses.append(loss_value)
-            window_losses.append(loss_value)
-            bar.update(1)
-
-            now = time.perf_counter()
-            if step % tcfg.log_every == 0 or step == tcfg.total_steps:
-                rate = (step - window_start) / max(now - t_window, 1e-9)
-                row = {
-                    "step": step,
-                    "loss": float(np.mean(window_losses)),
-                    "lr": lr_used,
-                    "grad_norm": norm_value,
-                    "steps_per_s": rate,
-                    "images_per_s": rate * tcfg.batch_size,
-                    "elapsed_s": elapsed_before + now - t_start,
-                }
-                if logger is not None:
-                    logger.log(row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
-                t_window, window_losses, window_start = now, [], step
-            elif step == start_step + 1:
-                bar.set_postfix(loss=f"{loss_value:.4f}")
-
-            final = step == tcfg.total_steps
-            if final or (tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0):
-                last_ckpt = checkpoint(step, elapsed_before + time.perf_counter() - t_start)
-            if tcfg.num_samples and (
-                final or (tcfg.sample_every and step % tcfg.sample_every == 0)
-            ):
-                if ctx.is_main:
-                    samples.append(draw_samples(step))
-    finally:
-        bar.close()
-        if logger is not None:
-            logger.close()
-        batches.close()
-    elapsed = elapsed_before + time.perf_counter() - t_start
-    if ctx.is_main and progress and step > start_step:
-        tqdm.write(
-            f"trained {step - start_step} steps to step {step} in "
-            f"{time.perf_counter() - t_start:.1f} s; checkpoint {last_ckpt}",
-            file=sys.stderr,
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> TrainResult:
+        """Train to ``train.total_steps``; returns a :class:`TrainResult` on every rank."""
+        tcfg, ctx = self.tcfg, self.ctx
+        self.bar = tqdm(
+            total=tcfg.total_steps,
+            initial=self.start_step,
+            disable=not (self.progress and ctx.is_main),
+            unit="step",
+            dynamic_ncols=True,
+            smoothing=0.05,
+            desc=f"train {self.config.model.kind}",
         )
-    return TrainResult(
-        run_dir=run_dir,
-        step=step,
-        start_step=start_step,
-        losses=losses,
-        checkpoint=last_ckpt if ctx.is_main else None,
-        model=model,
-        ema=ema,
-        config=config,
-        elapsed_s=elapsed,
-        samples=samples,
-    )
+        self._t_start = self._t_window = time.perf_counter()
+        self._window_start = self.start_step
+        try:
+            with self.stop:
+                while self.step < tcfg.total_steps:
+                    self.train_step(next(self.batches))
+                    self.bar.update(1)
+                    if self._after_step():
+                        break
+        finally:
+            self.bar.close()
+            if self.logger is not None:
+                self.logger.close()
+            self.batches.close()
+        if self.stop.requested:
+            raise TrainingStopped(self.stop.name, self.step, self.last_ckpt, self.run_dir)
+        if ctx.is_main and self.progress and self.step > self.start_step:
+            tqdm.write(
+                f"trained {self.step - self.start_step} steps to step {self.step} in "
+                f"{time.perf_counter() - self._t_start:.1f} s; checkpoint {self.last_ckpt}",
+                file=sys.stderr,
+            )
+        return TrainResult(
+            run_dir=self.run_dir,
+            step=self.step,
+            start_step=self.start_step,
+            losses=self.losses,
+            checkpoint=self.last_ckpt if ctx.is_main else None,
+            model=self.model,
+            ema=self.ema,
+            config=self.config,
+            elapsed_s=self.elapsed_before + time.perf_counter() - self._t_start,
+            samples=self.samples,
+        )
+
+    def _after_step(self) -> bool:
+        """Log, stop, checkpoint and sample as their steps come; returns whether to stop.
+
+        A single process checks for a signal after every step; under DDP the ranks agree on
+        it at logging (and checkpoint) steps, in the all-reduce of the losses."""
+        tcfg, step = self.tcfg, self.step
+        final = step == tcfg.total_steps
+        log = step % tcfg.log_every == 0 or final
+        save = final or bool(tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0)
+        asked = self.stop.requested and not self.ctx.distributed
+        stop = self._sync(log) if (log or save or asked) else False
+        if stop:
+            self.stop.request()  # another rank's signal stops this one too
+        if save or stop:
+            self.save()
+        if tcfg.num_samples and (final or (tcfg.sample_every and step % tcfg.sample_every == 0)):
+            self.sample()
+        return stop
