@@ -387,6 +387,7 @@ def test_bad_inputs_fail_clearly_and_write_nothing(model_dir, digits_stats, tmp_
     digits = ["--features", "digits"]
     empty_run = tmp_path / "empty-run"
     empty_run.mkdir()
+    steps_range = f"steps must be an integer in [1, {T}] (the schedule length)"
     cases = [
         # digits statistics, Inception features: refused before any network is loaded
         ([*base, "--run", model_dir, "--features", "inception"], "feature dimension mismatch"),
@@ -394,7 +395,7 @@ def test_bad_inputs_fail_clearly_and_write_nothing(model_dir, digits_stats, tmp_
         ([*base, "--run", empty_run, *digits], "holds no checkpoint"),
         ([*base, "--run", model_dir, *digits, "--threshold", 0], "threshold must be"),
         ([*base, "--run", model_dir, *digits, "--threshold", -0.5], "threshold must be"),
-        ([*base, "--run", model_dir, *digits, "--steps", T + 1], "--steps must be in"),
+        ([*base, "--run", model_dir, *digits, "--steps", T + 1], f"--steps: {steps_range}"),
         ([*base, "--run", model_dir, "--features", "vgg"], "--features must be one of"),
         ([*base, "--run", model_dir, *digits, "--stats", tmp_path / "no.npz"], "not found"),
         ([*base, "--run", model_dir, *digits, "--device", "bogus"], "not a device name"),
