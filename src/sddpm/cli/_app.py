@@ -25,13 +25,16 @@ def plain_text(doc: str) -> str:
 
 
 class _PlainHelpTyper(typer.Typer):
-    """A Typer whose commands' help (``help=`` or the docstring) is :func:`plain_text`."""
+    """A Typer whose commands' help (``help=`` or the docstring) and epilog are
+    :func:`plain_text`."""
 
     def command(self, name: str | None = None, **kwargs):
         register = super().command
 
         def decorator(f):
             text = kwargs.pop("help", None) or inspect.getdoc(f) or ""
+            if kwargs.get("epilog"):
+                kwargs["epilog"] = plain_text(kwargs["epilog"])
             return register(name, help=plain_text(text), **kwargs)(f)
 
         return decorator
