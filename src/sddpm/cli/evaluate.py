@@ -270,13 +270,13 @@ def sweep_threshold_command(
                 checkpoint=model_dir.resolve(),
                 progress=rank == 0,
                 out_dir=out,
+                record={"weights": weights},
             )
         except _ERRORS as err:
             fail_with(err)
             return
         if rank != 0:
             return
-        result.settings["weights"] = weights
         paths = result.write(out)
         print_table(*result.table())
         best = result.best

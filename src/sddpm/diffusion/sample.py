@@ -84,8 +84,13 @@ def sample(
         options = SamplingOptions(**keywords, seed=seed)
     elif not isinstance(options, SamplingOptions):
         raise TypeError(f"options must be a SamplingOptions, got {type(options).__name__}")
-    elif {**keywords, "seed": seed} != _KEYWORD_DEFAULTS:
-        raise ValueError("give the sampling settings as keywords or as options=, not both")
+    else:
+        given = {**keywords, "seed": seed}
+        both = [k for k, v in _KEYWORD_DEFAULTS.items() if not _is_default(given[k], v)]
+        if both:
+            raise ValueError(
+                f"give the sampling settings as keywords or as options=, not both ({both})"
+            )
     check_prediction(prediction)
     schedule = NoiseSchedule.linear() if schedule is None else schedule
     if not isinstance(schedule, NoiseSchedule):
@@ -133,6 +138,10 @@ def sample(
             )  # fmt: skip
     # An inference tensor cannot enter autograd later; a clone made outside the mode can.
     return out.clone()
+
+
+def _is_default(value, default) -> bool:
+    return value is default or (not isinstance(value, torch.Tensor) and value == default)
 
 
 def _override_threshold(model: nn.Module, value: float):

@@ -229,6 +229,7 @@ def sweep_threshold(
     checkpoint: str | os.PathLike | None = None,
     progress: bool = True,
     out_dir: str | os.PathLike | None = None,
+    record: dict[str, Any] | None = None,
     **changes: Any,
 ) -> SweepResult:
     """Evaluate every threshold in ``values`` with the same seeds (image ``i`` starts from the
@@ -239,7 +240,8 @@ def sweep_threshold(
     With ``out_dir`` the sweep is written there (rank 0) as soon as each value is done, and
     values already in ``out_dir/sweep.json`` are not evaluated again; the result then holds
     those too, in threshold order. A file made with other settings (sampler, steps, seed,
-    images, ...) is refused rather than mixed in.
+    images, the ``record`` fields, ...) is refused rather than mixed in. ``record`` (e.g.
+    ``{"weights": "ema"}``) is written into every result, like ``checkpoint``.
     """
     if metric not in SWEEP_METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose one of {SWEEP_METRICS}")
@@ -254,12 +256,13 @@ def sweep_threshold(
     prep = _prepare(
         setup, net, stats, num, opts, checkpoint=checkpoint, progress=progress, kid=False
     )  # fmt: skip
+    prep.settings.update(record or {})
     base = opts.replace(threshold=None)
     T = setup.schedule.T
     settings = {**prep.settings, **base.to_dict(T=T), "world_size": rank_and_world()[1]}
     settings.pop("threshold")
     expected = {"feature_network": net.name, "num_images": num, "is_splits": is_splits}
-    expected.update({k: settings[k] for k in ("checkpoint", "stats")})
+    expected.update({k: settings[k] for k in ("checkpoint", "stats", *(record or {}))})
     expected.update({k: v for k, v in base.image_settings(T=T).items() if k != "threshold"})
     done = _finished(out_dir, expected)
     rank = rank_and_world()[0]
