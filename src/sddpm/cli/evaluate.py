@@ -44,7 +44,7 @@ def _check_device(device: str) -> None:
     try:
         check_device(device)
     except ValueError as err:
-        fail(str(err))
+        fail(f"--device: {err}")
 
 
 def _proxy_warning() -> None:

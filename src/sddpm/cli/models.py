@@ -47,8 +47,8 @@ def convert_command(
 
     if not checkpoint.is_file():
         fail(f"{checkpoint} does not exist")
-    if out.exists() and any(out.iterdir()) and not force:
-        fail(f"{out} exists and is not empty; choose another --out or pass --force")
+    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
+        fail(f"{out} exists and is not an empty folder; choose another --out or pass --force")
     try:
         cfg = preset(preset_name)
         overrides = {
@@ -71,8 +71,10 @@ def convert_command(
         return
     # save_pretrained writes each file atomically and the config last, so the directory is a
     # model (has a config.json) only once all its weights are there.
-    if out.exists() and force:
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    if out.is_dir() and force:
+        shutil.rmtree(out)
+    elif out.exists() and force:
+        out.unlink()
     save_pretrained(
         model,
         out,

@@ -79,18 +79,15 @@ def sample(
             ``options``.
     """
     # ---- validate everything before any work
-    keywords = dict(sampler=sampler, steps=steps, spacing=spacing, eta=eta, threshold=threshold)
+    keywords = dict(
+        sampler=sampler, steps=steps, spacing=spacing, eta=eta, threshold=threshold, seed=seed
+    )
     if options is None:
-        options = SamplingOptions(**keywords, seed=seed)
+        options = SamplingOptions(**keywords)
     elif not isinstance(options, SamplingOptions):
         raise TypeError(f"options must be a SamplingOptions, got {type(options).__name__}")
-    else:
-        given = {**keywords, "seed": seed}
-        both = [k for k, v in _KEYWORD_DEFAULTS.items() if not _is_default(given[k], v)]
-        if both:
-            raise ValueError(
-                f"give the sampling settings as keywords or as options=, not both ({both})"
-            )
+    elif both := [k for k, v in keywords.items() if not _is_default(v, _KEYWORD_DEFAULTS[k])]:
+        raise ValueError(f"give the sampling settings as keywords or as options=, not both {both}")
     check_prediction(prediction)
     schedule = NoiseSchedule.linear() if schedule is None else schedule
     if not isinstance(schedule, NoiseSchedule):

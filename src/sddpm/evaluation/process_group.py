@@ -41,9 +41,9 @@ def check_device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError as err:
-        raise ValueError(f"--device {device!r} is not a device name ({err})") from None
+        raise ValueError(f"device {device!r} is not a device name ({err})") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} asked for, but CUDA is not available here")
+        raise ValueError(f"device {device} asked for, but CUDA is not available here")
     return dev
 
 
