@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .diffusion import NoiseSchedule, initial_noise, sample
+from .diffusion import NoiseSchedule, SamplingOptions, initial_noise, sample
+from .finite import check_finite, check_finite_weights
 from .models import fold_batchnorm
 from .models.unet import UNet
 from .rundir import load_model
@@ -54,60 +55,56 @@ def generate_batches(
     model: torch.nn.Module,
     indices: int | Sequence[int],
     image_shape: Sequence[int],
+    options: SamplingOptions | None = None,
     *,
-    sampler: str = "ddim",
-    steps: int | None = None,
-    eta: float = 0.0,
-    threshold: float | None = None,
-    seed: int = 0,
-    batch_size: int = 64,
     schedule: NoiseSchedule | None = None,
     prediction: str = "eps",
-    device: str | torch.device = "cpu",
     progress: bool = True,
     desc: str | None = None,
     fold_bn: bool = True,
-    bf16: bool = False,
-    compile_model: bool = False,
+    **changes,
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Yield ``(image indices, images [b, C, H, W] in [-1, 1] on device)`` batch by batch for
     image indices ``range(N)`` or the given global indices; a tqdm bar shows images/s and ETA.
+
+    ``options`` (:class:`~sddpm.diffusion.SamplingOptions`; keyword ``changes`` such as
+    ``steps=4`` are applied on top) says how: the sampler settings go to
+    :func:`sddpm.diffusion.sample`; ``batch_size`` images per call, drawn on ``device``;
+    ``bf16`` (bfloat16 autocast of the U-Net; the membranes still integrate in float32 and the
+    sampler's arithmetic stays float32) and ``compile`` (``torch.compile`` of the network;
+    ``compile_model`` is the old keyword). The neurons run with the model's own kernel
+    (:func:`sddpm.snn.set_neuron_kernel`, or ``load_for_sampling(neuron_kernel=...)``).
 
     With ``fold_bn`` a U-Net samples through one copy with BatchNorm folded into its convs
     (:func:`sddpm.models.fold_batchnorm`), made once: the same function, fewer passes over
     memory. Pass ``fold_bn=False`` to sample with ``model`` itself (e.g. one already folded
     and carrying measurement hooks).
 
-    Speed options: ``bf16`` (bfloat16 autocast of the U-Net; the membranes still integrate in
-    float32 and the sampler's arithmetic stays float32) and ``compile_model`` (``torch.compile``
-    of the network). The neurons run with the model's own kernel
-    (:func:`sddpm.snn.set_neuron_kernel`, or ``load_for_sampling(neuron_kernel=...)``)."""
+    Raises:
+        NonFiniteError: before any image, when the model holds NaN or infinite weights; and
+            for a batch whose images are not finite (nothing of that batch is yielded).
+    """
+    if "compile_model" in changes:
+        changes["compile"] = changes.pop("compile_model")
+    opts = SamplingOptions.build(options, **changes)
     idx = list(range(indices)) if isinstance(indices, int) else [int(i) for i in indices]
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_finite_weights(model)
     if fold_bn and isinstance(model, UNet):
         model = fold_batchnorm(model.eval())
-    if compile_model:
+    if opts.compile:
         model = torch.compile(model)
-    device_type = torch.device(device).type
-    bar = tqdm(total=len(idx), unit="img", desc=desc or sampler, disable=not progress)
+    device = torch.device(opts.device)
+    bar = tqdm(total=len(idx), unit="img", desc=desc or opts.sampler, disable=not progress)
     try:
-        for start in range(0, len(idx), batch_size):
-            chunk = idx[start : start + batch_size]
-            x_T = initial_noise(chunk, image_shape, seed, device=device)
-            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+        for start in range(0, len(idx), opts.batch_size):
+            chunk = idx[start : start + opts.batch_size]
+            x_T = initial_noise(chunk, image_shape, opts.seed, device=device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts.bf16):
                 x0 = sample(
-                    model,
-                    x_T,
-                    sampler=sampler,
-                    steps=steps,
-                    eta=eta,
-                    threshold=threshold,
-                    seed=seed,
-                    schedule=schedule,
-                    indices=chunk,
-                    prediction=prediction,
-                )
+                    model, x_T, schedule=schedule, indices=chunk, prediction=prediction,
+                    options=opts,
+                )  # fmt: skip
+            check_finite(x0, f"generated images {chunk[0]}..{chunk[-1]}")
             yield chunk, x0
             bar.update(len(chunk))
     finally:
@@ -118,11 +115,13 @@ def generate(
     model: torch.nn.Module,
     indices: int | Sequence[int],
     image_shape: Sequence[int],
-    **options,
+    options: SamplingOptions | None = None,
+    **kwargs,
 ) -> torch.Tensor:
-    """All images of :func:`generate_batches` (same options), ``[N, C, H, W]`` in [-1, 1] on
+    """All images of :func:`generate_batches` (same arguments), ``[N, C, H, W]`` in [-1, 1] on
     the CPU."""
-    out = [x0.cpu() for _, x0 in generate_batches(model, indices, image_shape, **options)]
+    batches = generate_batches(model, indices, image_shape, options, **kwargs)
+    out = [x0.cpu() for _, x0 in batches]
     if not out:
         return torch.empty((0, *image_shape))
     return torch.cat(out)

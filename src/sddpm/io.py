@@ -58,9 +58,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
+    """Write ``obj`` as indented, standard JSON, atomically. NaN and infinities are refused
+    (a ``ValueError`` naming ``path``; nothing is written): JSON has no such numbers."""
+    try:
+        text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False)
+    except ValueError as err:
+        raise ValueError(f"{path}: not written, it would hold NaN or infinity ({err})") from None
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(text + "\n")
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -138,3 +138,109 @@ def test_load_for_sampling_sets_the_neuron_kernel_and_folding_keeps_it(model_dir
     assert kernels == {"compiled"}
     with pytest.raises(ValueError, match="neuron kernel"):
         load_for_sampling(model_dir, neuron_kernel="cuda")
+
+
+def test_nan_weights_are_refused_and_nothing_is_written(model_dir, tmp_path):
+    from sddpm.models import load_pretrained
+
+    model = load_pretrained(model_dir)
+    with torch.no_grad():
+        model.head.conv.weight.fill_(float("nan"))  # one damaged tensor is enough
+    bad = tmp_path / "nan-model"
+    save_pretrained(model, bad, extra={"diffusion": {"prediction": "eps"}})
+    out = tmp_path / "s.png"
+    result = CliRunner().invoke(app, ["sample", "--checkpoint", str(bad), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "weights hold NaN or infinite values (head.conv.weight)" in result.output
+    assert "Traceback" not in result.output and not out.exists()
+
+
+def test_non_finite_images_stop_generation():
+    from sddpm.finite import NonFiniteError
+
+    class Diverging(torch.nn.Module):  # finite weights, NaN output
+        def forward(self, x, t):
+            return x * float("nan")
+
+    with pytest.raises(NonFiniteError, match="generated images 0..2: 12 of 12 values"):
+        generate(Diverging(), 3, (1, 2, 2), steps=2, progress=False)
+
+
+def test_output_path_is_checked_before_generating(model_dir, tmp_path, monkeypatch):
+    import sddpm.generation
+
+    calls = []
+    monkeypatch.setattr(sddpm.generation, "generate", lambda *a, **k: calls.append(1))
+    base = ["sample", "--checkpoint", str(model_dir), "--num", "2", "--steps", "2"]
+    existing = tmp_path / "old.png"
+    existing.write_bytes(b"keep me")
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "file").write_text("")
+    for out, message in [
+        (existing, "exists; choose another name or pass --force"),
+        (tmp_path / "folder.png", "is a folder"),
+        (tmp_path / "file" / "x.png", "cannot write in"),  # the parent is a file
+        (tmp_path / "x.jpeg", "must end in .png or .npz"),
+    ]:
+        result = CliRunner().invoke(app, [*base, "--out", str(out)])
+        assert result.exit_code == 2 and message in result.output, (out, result.output)
+    assert calls == [] and existing.read_bytes() == b"keep me"
+    monkeypatch.undo()
+    result = CliRunner().invoke(app, [*base, "--out", str(existing), "--force"])
+    assert result.exit_code == 0, result.output
+    assert Image.open(existing).size[0] > 0
+    nested = tmp_path / "new" / "dir" / "s.npz"  # missing folders are made
+    assert CliRunner().invoke(app, [*base, "--out", str(nested)]).exit_code == 0
+    assert np.load(nested)["images"].shape == (2, 8, 8, 1)
+
+
+def test_commands_that_sample_share_the_sampling_flags():
+    from sddpm.cli._app import SAMPLING_FLAGS
+
+    flags = {flag for flag, _, _ in SAMPLING_FLAGS.values()}
+    assert {"--bf16", "--compile", "--neuron-kernel", "--device", "--spacing"} <= flags
+    for command, own in [
+        ("sample", flags),
+        ("evaluate", flags),
+        ("sweep-threshold", flags - {"--threshold"}),  # the swept values come from --values
+    ]:
+        result = CliRunner().invoke(app, [command, "--help"], terminal_width=200)
+        assert result.exit_code == 0
+        given = {w for w in result.output.split() if w.startswith("--")}
+        assert own | {"--run", "--checkpoint", "--weights"} <= given, command
+    result = CliRunner().invoke(app, ["sweep-threshold", "--help"], terminal_width=200)
+    assert "--threshold" not in result.output
+
+
+def test_a_bad_sampling_flag_is_named(model_dir, tmp_path):
+    args = ["sample", "--checkpoint", str(model_dir), "--out", str(tmp_path / "x.png")]
+    for extra, message in [
+        (["--batch-size", "0"], "--batch-size: batch_size must be an integer >= 1, got 0"),
+        (["--spacing", "cubic"], "--spacing: unknown spacing 'cubic'"),
+        (["--eta", "0.5", "--sampler", "ddpm"], "--eta: eta applies to the ddim sampler only"),
+        (["--device", "bogus"], "--device: 'bogus' is not a device name"),
+        (["--steps", "101"], "--steps: steps must be an integer in [1, 100]"),
+    ]:
+        result = CliRunner().invoke(app, [*args, *extra])
+        assert result.exit_code == 2 and message in result.output, (extra, result.output)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_is_plain_text():
+    """No reStructuredText markup and no line break inside a paragraph, for every command."""
+    from sddpm.cli._app import plain_text
+
+    assert plain_text("Write an ``.npz`` of\n    :func:`~sddpm.x.y` images.\n\n  Next.") == (
+        "Write an .npz of sddpm.x.y images.\n\nNext."
+    )
+    runner = CliRunner()
+    commands = [info.name for info in app.registered_commands]
+    assert len(commands) >= 8
+    for info in app.registered_commands:
+        for paragraph in info.help.split("\n\n"):
+            assert paragraph and "\n" not in paragraph, (info.name, info.help)
+    for args in [[], *([name] for name in commands)]:
+        result = runner.invoke(app, [*args, "--help"], terminal_width=100)
+        assert result.exit_code == 0, args
+        for markup in ("``", "`", ":func:", ":class:", ":mod:", ":meth:"):
+            assert markup not in result.output, (args, markup)

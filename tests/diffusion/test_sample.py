@@ -1,12 +1,21 @@
 """The sampling entry point: per-image seeds, threshold guidance, defaults, bad input."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from sddpm.diffusion import NoiseSchedule, PerImageRandn, initial_noise, sample
+from sddpm.diffusion import (
+    EXECUTION_FIELDS,
+    NoiseSchedule,
+    OptionError,
+    PerImageRandn,
+    SamplingOptions,
+    initial_noise,
+    sample,
+)
 from sddpm.diffusion.seeding import SAMPLER_NOISE_STREAM
 from sddpm.models import build_model, preset
 from sddpm.snn import SpikingNeuron, get_thresholds
@@ -157,7 +166,7 @@ def test_threshold_guidance_on_the_spiking_unet():
     "kwargs, message",
     [
         ({"sampler": "euler"}, "unknown sampler 'euler'; choose one of ddpm, ddim, dpm-solver++"),
-        ({"steps": 0}, r"steps must be an integer in \[1, 1000\]"),
+        ({"steps": 0}, r"steps must be an integer >= 1"),
         ({"steps": 1001}, r"steps must be an integer in \[1, 1000\]"),
         ({"steps": 2.5}, "steps must be an integer"),
         ({"threshold": 0.0}, "threshold must be > 0"),
@@ -200,3 +209,57 @@ def test_threshold_needs_spiking_neurons():
         sample(nn.Identity(), initial_noise(1, SHAPE), "ddim", steps=2, threshold=1.1)
     with pytest.raises(ValueError, match="nn.Module"):
         sample(Recorder(), initial_noise(1, SHAPE), "ddim", steps=2, threshold=1.1)
+
+
+# ---------------------------------------------------------------- SamplingOptions
+def test_options_object_gives_the_same_images_as_the_keywords():
+    model = GaussianEps(SCHEDULE, 0.1, 0.3)
+    x_T = initial_noise(3, SHAPE, seed=2)
+    kw = dict(sampler="ddim", steps=7, eta=0.4, seed=2, spacing="quadratic")
+    by_keywords = sample(model, x_T, **kw)
+    opts = SamplingOptions(**kw, batch_size=1, device="cpu")  # execution fields: not used here
+    assert torch.equal(sample(model, x_T, options=opts), by_keywords)
+    assert not torch.equal(sample(model, x_T, options=opts.replace(seed=3)), by_keywords)
+    with pytest.raises(ValueError, match="as keywords or as options=, not both"):
+        sample(model, x_T, steps=7, options=opts)
+
+
+def test_options_validate_once_and_name_the_field():
+    cases = {
+        "sampler": {"sampler": "euler"},
+        "steps": {"steps": 0},
+        "spacing": {"spacing": "cubic"},
+        "eta": {"sampler": "ddpm", "eta": 0.5},
+        "threshold": {"threshold": float("inf")},
+        "seed": {"seed": 1.5},
+        "batch_size": {"batch_size": 0},
+        "bf16": {"bf16": "yes"},
+        "compile": {"compile": 1},
+        "neuron_kernel": {"neuron_kernel": "cuda"},
+        "device": {"device": "bogus"},
+    }
+    assert set(cases) == {f.name for f in dataclasses.fields(SamplingOptions)}
+    for field, kwargs in cases.items():
+        with pytest.raises(OptionError) as info:
+            SamplingOptions(**kwargs)
+        assert info.value.field == field, (field, str(info.value))
+    with pytest.raises(OptionError, match=r"steps must be an integer in \[1, 50\]"):
+        SamplingOptions(steps=51).steps_for(50)
+    with pytest.raises(TypeError, match="unknown sampling option"):
+        SamplingOptions().replace(stepz=3)
+
+
+def test_options_records_round_trip():
+    opts = SamplingOptions(sampler="ddpm", threshold=1.01, seed=4, batch_size=8, bf16=True)
+    d = opts.to_dict()
+    assert d == {
+        "sampler": "ddpm", "steps": None, "spacing": None, "eta": 0.0, "threshold": 1.01,
+        "seed": 4, "batch_size": 8, "bf16": True, "compile": False, "neuron_kernel": "eager",
+        "device": "cpu",
+    }  # fmt: skip
+    assert SamplingOptions.from_dict({**d, "num_images": 10}) == opts
+    resolved = opts.to_dict(T=50)
+    assert (resolved["steps"], resolved["spacing"]) == (50, "linear")  # what ran
+    assert SamplingOptions(sampler="dpm-solver++").to_dict(T=1000)["steps"] == 20
+    assert set(opts.image_settings()) == set(d) - set(EXECUTION_FIELDS)
+    assert SamplingOptions(device=torch.device("cpu")).device == "cpu"

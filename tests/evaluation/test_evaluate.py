@@ -23,10 +23,12 @@ from typer.testing import CliRunner
 from sddpm.cli import app
 from sddpm.data import build_dataset
 from sddpm.evaluation import (
+    EvaluationResult,
     FeatureNetwork,
     FIDInceptionV3,
     InceptionOutput,
     SampleScores,
+    SweepResult,
     digits_report_from_probs,
     digits_sample_report,
     evaluate_model,
@@ -41,6 +43,7 @@ from sddpm.evaluation import (
     sweep_threshold,
     write_stats_file,
 )
+from sddpm.finite import NonFiniteError
 from sddpm.generation import generate, load_for_sampling
 from sddpm.models import UNetConfig, build_model, save_pretrained
 
@@ -365,6 +368,19 @@ def test_sweep_threshold_cli(model_dir, digits_stats, tmp_path):
     assert Image.open(out / "sweep.png").size[0] > 300
     assert f"best threshold {rows[best]['threshold']:g}" in result.output
 
+    # a rerun finds every value done: nothing is generated, the files are the same
+    import sddpm.generation as generation
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("a finished value was generated again")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(generation, "generate_batches", no_generation)
+        again = run_cli([*args, "--stats", digits_stats, "--out", out])
+    assert again.exit_code == 0, again.output
+    assert "resumed from" in again.output
+    assert json.loads((out / "sweep.json").read_text())["rows"] == rows
+
 
 def test_sweep_uses_the_same_seeds_for_every_value(setup, digits_net, digits_stats):
     net = FeatureNetwork.digits(digits_net)
@@ -387,6 +403,7 @@ def test_bad_inputs_fail_clearly_and_write_nothing(model_dir, digits_stats, tmp_
     digits = ["--features", "digits"]
     empty_run = tmp_path / "empty-run"
     empty_run.mkdir()
+    steps_range = f"steps must be an integer in [1, {T}] (the schedule length)"
     cases = [
         # digits statistics, Inception features: refused before any network is loaded
         ([*base, "--run", model_dir, "--features", "inception"], "feature dimension mismatch"),
@@ -394,7 +411,7 @@ def test_bad_inputs_fail_clearly_and_write_nothing(model_dir, digits_stats, tmp_
         ([*base, "--run", empty_run, *digits], "holds no checkpoint"),
         ([*base, "--run", model_dir, *digits, "--threshold", 0], "threshold must be"),
         ([*base, "--run", model_dir, *digits, "--threshold", -0.5], "threshold must be"),
-        ([*base, "--run", model_dir, *digits, "--steps", T + 1], "--steps must be in"),
+        ([*base, "--run", model_dir, *digits, "--steps", T + 1], f"--steps: {steps_range}"),
         ([*base, "--run", model_dir, "--features", "vgg"], "--features must be one of"),
         ([*base, "--run", model_dir, *digits, "--stats", tmp_path / "no.npz"], "not found"),
         ([*base, "--run", model_dir, *digits, "--device", "bogus"], "not a device name"),
@@ -447,3 +464,153 @@ def test_evaluate_cli_speed_options(model_dir, digits_stats, tmp_path):
     assert scores["bf16"][0] == pytest.approx(scores["eager"][0], rel=0.01)
     bad = run_cli([*args, "--neuron-kernel", "fast", "--out", tmp_path / "x.json"])
     assert bad.exit_code != 0 and "kernel" in bad.output
+
+
+# ------------------------------------------------------------------ threshold changes the images
+
+
+def test_sweep_thresholds_change_the_numbers(setup, digits_net, digits_stats):
+    """A sweep that ignored its thresholds would give one number for all of them."""
+    net = FeatureNetwork.digits(digits_net)
+    kw = dict(sampler="ddim", steps=2, seed=4, batch_size=8, progress=False)
+    sweep = sweep_threshold(setup, net, digits_stats, [0.8, 1.0, 1.25], 8, metric="proxy-fid", **kw)
+    assert len(set(sweep.values)) == 3, sweep.values
+    # each value is what evaluate_model gives with that threshold
+    alone = evaluate_model(setup, net, digits_stats, 8, threshold=1.25, **kw)
+    assert alone.fid == sweep.values[2]
+
+
+# ------------------------------------------------------------------ resumable sweeps
+
+
+def test_a_sweep_killed_midway_resumes_without_redoing_values(
+    setup, digits_net, digits_stats, tmp_path, monkeypatch
+):
+    import sddpm.generation as generation
+
+    net = FeatureNetwork.digits(digits_net)
+    kw = dict(sampler="ddim", steps=2, seed=1, batch_size=4, metric="proxy-fid", progress=False)
+    values = [0.9, 1.0, 1.1]
+    whole = sweep_threshold(setup, net, digits_stats, values, 6, **kw)
+
+    real = generation.generate_batches
+    thresholds = []
+
+    def counting(model, indices, shape, options, **k):
+        thresholds.append(options.threshold)
+        if len(thresholds) == 2 and kill:
+            raise KeyboardInterrupt("killed")  # the job is stopped during the second value
+        return real(model, indices, shape, options, **k)
+
+    monkeypatch.setattr(generation, "generate_batches", counting)
+    out = tmp_path / "sweep"
+    kill = True
+    with pytest.raises(KeyboardInterrupt):
+        sweep_threshold(setup, net, digits_stats, values, 6, out_dir=out, **kw)
+    saved = json.loads((out / "sweep.json").read_text())
+    assert [r["threshold"] for r in saved["rows"]] == [0.9]  # written as soon as it was done
+    assert thresholds == [0.9, 1.0]
+
+    kill, thresholds[:] = False, []
+    resumed = sweep_threshold(setup, net, digits_stats, values, 6, out_dir=out, **kw)
+    assert thresholds == [1.0, 1.1]  # 0.9 is not generated again
+    assert resumed.thresholds == values and resumed.values == whole.values
+    assert resumed.best == whole.best
+    thresholds[:] = []
+    again = sweep_threshold(setup, net, digits_stats, values, 6, out_dir=out, **kw)
+    assert thresholds == [] and again.values == whole.values
+    saved = json.loads((out / "sweep.json").read_text())
+    assert [r["threshold"] for r in saved["rows"]] == values
+
+    # a folder holding a sweep of other settings is refused, not mixed in
+    with pytest.raises(ValueError, match=r"other settings: steps 2 \(now 3\)"):
+        sweep_threshold(setup, net, digits_stats, values, 6, out_dir=out, **{**kw, "steps": 3})
+    assert thresholds == []
+
+
+def test_sweep_best_is_never_a_nan_row():
+    def result(fid):
+        return EvaluationResult("digits", 128, True, 4, fid, None, 10, None)
+
+    sweep = SweepResult(
+        "proxy-fid", [0.9, 1.0, 1.1], [result(float("nan")), result(3.0), result(2.0)]
+    )
+    assert sweep.best == 2
+    sweep = SweepResult("proxy-fid", [0.9, 1.0], [result(float("nan")), result(5.0)])
+    assert sweep.best == 1
+    with pytest.raises(NonFiniteError, match="no threshold gave a finite proxy-fid"):
+        _ = SweepResult("proxy-fid", [1.0], [result(float("nan"))]).best
+
+
+def test_evaluation_result_round_trips_through_json(setup, digits_net, digits_stats):
+    net = FeatureNetwork.digits(digits_net)
+    result = evaluate_model(setup, net, digits_stats, 6, steps=2, batch_size=3, progress=False)
+    d = json.loads(json.dumps(result.to_dict()))
+    assert EvaluationResult.from_dict(d).to_dict() == d
+    assert d["proxy_kid"] is not None and d["proxy_inception_score"] is None
+    assert d["feature_tf32"] is False and d["feature_dtype"] == "float32"
+    assert (d["steps"], d["spacing"], d["batch_size"], d["device"]) == (2, "uniform", 3, "cpu")
+
+
+# ------------------------------------------------------------------ non-finite values
+
+
+def test_nan_features_stop_the_evaluation_naming_the_stage(setup, tmp_path):
+    class NaNInception(TinyInception):
+        def forward(self, images):
+            out = super().forward(images)
+            return InceptionOutput(pool=out.pool * float("nan"), prob=out.prob)
+
+    ok = FeatureNetwork.inception(TinyInception())
+    ref = score_dataset(build_dataset("digits"), ok, num=20, progress=False)
+    stats = write_stats_file(tmp_path / "ref.npz", ref)
+    net = FeatureNetwork.inception(NaNInception())
+    with pytest.raises(NonFiniteError, match="inception features of images 0..3: 32 of 32"):
+        evaluate_model(setup, net, stats, 8, steps=2, batch_size=4, progress=False)
+
+
+def test_nan_weights_evaluate_refuses_and_writes_nothing(model_dir, digits_stats, tmp_path):
+    from sddpm.models import load_pretrained
+
+    model = load_pretrained(model_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    bad = tmp_path / "nan-model"
+    save_pretrained(model, bad)
+    out = tmp_path / "m.json"
+    args = ["evaluate", "--checkpoint", bad, "--num", 4, "--steps", 2, "--features", "digits"]
+    result = run_cli([*args, "--stats", digits_stats, "--out", out])
+    assert result.exit_code == 2, result.output
+    assert "the model's weights hold NaN or infinite values" in result.output
+    assert "Traceback" not in result.output and not out.exists()
+
+
+def test_json_refuses_nan(tmp_path):
+    from sddpm.io import write_json
+
+    with pytest.raises(ValueError, match=r"x\.json: not written, it would hold NaN"):
+        write_json(tmp_path / "x.json", {"fid": float("nan")})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_feature_networks_run_without_tf32_and_restore_it():
+    seen = []
+
+    class Spy(TinyInception):
+        def forward(self, images):
+            seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+            return super().forward(images)
+
+    net = FeatureNetwork.inception(Spy())
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        net(torch.rand(2, 3, 8, 8))
+        assert seen == [(False, False)]
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (
+            True,
+            True,
+        )
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

@@ -98,20 +98,26 @@ def test_reproduces_published_pool_and_prob(model, reference):
     assert out.pool.shape == (4, 2048) and out.prob.shape == (4, 1008)
     torch.testing.assert_close(out.pool, tensors["output.pool"], atol=POOL_ATOL, rtol=RTOL)
     torch.testing.assert_close(out.prob, tensors["output.prob"], atol=PROB_ATOL, rtol=RTOL)
-    # The IS head has no bias: a non-zero fc.bias must not change prob.
-    assert torch.allclose(out.prob.sum(dim=1), torch.ones(4), atol=1e-5)
 
 
 def test_fc_bias_is_ignored_and_gray_images_are_repeated(model, reference):
+    """The published IS head drops fc.bias: a bias that would change the probabilities a lot
+    (a constant one would not: softmax ignores a shift) leaves them as the reference's."""
     _, _, tensors = reference
     pool = tensors["output.pool"]
+    bias = 3 * torch.randn(1008, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        model.fc.bias.fill_(5.0)
+        model.fc.bias.copy_(bias)
         try:
             prob = model.class_probabilities(pool)
+            forward_prob = model(tensors["input.images"][:1]).prob
         finally:
             model.fc.bias.zero_()
+        with_bias = torch.softmax(torch.nn.functional.linear(pool, model.fc.weight, bias), dim=1)
     torch.testing.assert_close(prob, tensors["output.prob"], atol=PROB_ATOL, rtol=RTOL)
+    torch.testing.assert_close(forward_prob, tensors["output.prob"][:1], atol=PROB_ATOL, rtol=RTOL)
+    # Had the bias been used, the probabilities would be far from the reference's.
+    assert (with_bias - tensors["output.prob"]).abs().max() > 0.05
     # A grey image enters the network exactly as its 3-channel copy (as the published code).
     grey = tensors["input.images"][:2, :1]
     torch.testing.assert_close(

@@ -10,8 +10,6 @@ import torch.multiprocessing as mp
 
 from sddpm.evaluation import (
     FeatureStats,
-    InceptionMetrics,
-    InceptionOutput,
     fid_from_features,
     frechet_distance,
     inception_score,
@@ -170,31 +168,22 @@ def test_kid_matches_torchmetrics_on_whole_sets():
     assert ours == pytest.approx(theirs, rel=1e-10) and std == 0.0
 
 
-class _FakeInception(torch.nn.Module):
-    """Stands in for FIDInceptionV3: pool = first 6 pixel values, prob = softmax of them."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = torch.nn.Linear(6, 6)
-
-    def forward(self, images):
-        pool = images.flatten(1)[:, :6]
-        return InceptionOutput(pool=pool, prob=pool.softmax(dim=1))
-
-
-def test_inception_metrics_pipeline():
-    g = torch.Generator().manual_seed(0)
-    images = torch.rand(40, 3, 2, 2, generator=g)
-    metrics = InceptionMetrics(_FakeInception(), keep_features=True)
-    for batch in images.split(7):
-        metrics.update(batch)
-    feats = images.flatten(1)[:, :6].double()
-    ref = FeatureStats.from_features(feats)
-    assert metrics.count == 40
-    assert metrics.fid(ref.mu, ref.sigma) == pytest.approx(0.0, abs=1e-9)
-    assert metrics.inception_score() == pytest.approx(
-        inception_score(feats.softmax(dim=1)), rel=1e-6
+def test_kid_closed_form_by_hand():
+    """Unbiased MMD^2 with k(a, b) = (a.b / D + 1)^3, every term counted by hand (no
+    torchmetrics): subsets of m = N = 2 rows are the whole sets, so every draw gives the same
+    value and the std is 0."""
+    # D = 1: x = {0, 1}, y = {0, -1}. k(0, 1) = 1, k(0, -1) = 1; k over x*y: 1, 1, 1, (1-1)^3 = 0.
+    # MMD^2 = k(x1,x2) + k(y1,y2) - 2 mean(kxy) = 1 + 1 - 2 * 3/4 = 0.5
+    mean, std = kernel_inception_distance([[0.0], [1.0]], [[0.0], [-1.0]], num_subsets=3)
+    assert mean == pytest.approx(0.5, abs=1e-15) and std == 0.0
+    # D = 2, gamma = 1/2: x = e1, e2 (x1.x2 = 0: k = 1); y = (1, 1), 0 (y1.y2 = 0: k = 1);
+    # x.y = 1, 0, 1, 0 -> k = 1.5^3, 1, 1.5^3, 1; mean 2.1875. MMD^2 = 2 - 4.375 = -2.375
+    x, y = [[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [0.0, 0.0]]
+    mean, std = kernel_inception_distance(x, y, num_subsets=2)
+    assert mean == pytest.approx(-2.375, abs=1e-15) and std == 0.0
+    # an explicit gamma, degree and coef0: k = (2 a.b + 0)^2; D = 1, x = {1, 2}, y = {1, 3}
+    # kxx(1,2) = 16, kyy(1,3) = 36, kxy = 4, 36, 16, 144 -> mean 50. MMD^2 = 16 + 36 - 100 = -48
+    mean, _ = kernel_inception_distance(
+        [[1.0], [2.0]], [[1.0], [3.0]], num_subsets=1, gamma=2.0, coef0=0.0, degree=2
     )
-    torch.testing.assert_close(metrics.features, feats.float())
-    with pytest.raises(ValueError, match="reference statistics have D=5, the features have D=6"):
-        metrics.fid(np.zeros(5), np.eye(5))
+    assert mean == pytest.approx(-48.0, abs=1e-12)

@@ -7,13 +7,19 @@ import os
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import TensorDataset
 
 from sddpm.evaluation import (
-    FeatureStats,
-    compute_fid_stats,
-    fid_against_stats_file,
+    FeatureNetwork,
+    InceptionOutput,
+    frechet_distance,
+    inception_score,
+    kernel_inception_distance,
     load_fid_stats,
+    metrics_from_scores,
     save_fid_stats,
+    score_dataset,
+    write_stats_file,
 )
 
 
@@ -76,22 +82,46 @@ def test_dimension_mismatch_names_both_sizes(tmp_path):
     with pytest.raises(ValueError, match=r"s\.npz holds statistics of D=5.*features have D=2048"):
         load_fid_stats(path, dim=2048)
     with pytest.raises(ValueError, match="D=5.*D=3"):
-        fid_against_stats_file(FeatureStats(3).update(np.random.rand(4, 3)), path)
+        load_fid_stats(path, dim=3)
 
 
-def test_compute_stats_then_fid_against_file(tmp_path):
-    class Pool(torch.nn.Module):  # a stand-in feature network: mean colour per channel
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(1))
+class _FakeInception(torch.nn.Module):
+    """Stands in for FIDInceptionV3: pool = first 6 pixel values, prob = softmax of them."""
 
-        def forward(self, images):
-            return images.mean(dim=(2, 3))
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(6, 6)
 
-    images = torch.rand(64, 3, 4, 4, generator=torch.Generator().manual_seed(0))
-    stats = compute_fid_stats(images.split(10), Pool(), progress=False)
-    assert stats.count == 64 and stats.dim == 3
-    path = save_fid_stats(tmp_path / "ref.npz", *stats.mu_sigma())
-    assert fid_against_stats_file(stats, path) == pytest.approx(0.0, abs=1e-10)
-    other = compute_fid_stats([images.flip(0)[:32] * 0.5], Pool(), progress=False)
-    assert fid_against_stats_file(other, path) > 0.01
+    def forward(self, images):
+        pool = images.flatten(1)[:, :6]
+        return InceptionOutput(pool=pool, prob=pool.softmax(dim=1))
+
+
+def test_scoring_pipeline_then_fid_against_the_file(tmp_path):
+    """The one FID pipeline (score_dataset -> write_stats_file -> load_fid_stats -> metrics)
+    against numbers computed in one shot from the same features."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(40, 3, 2, 2, generator=g) * 2 - 1  # a dataset yields [-1, 1]
+    net = FeatureNetwork.inception(_FakeInception())
+    scores = score_dataset(
+        TensorDataset(images), net, batch_size=7, keep_features=True, progress=False
+    )
+    feats = ((images + 1) / 2).clamp(0, 1).flatten(1)[:, :6]  # what the network is fed
+    assert scores.count == 40 and scores.indices.tolist() == list(range(40))
+    x = feats.double().numpy()
+    np.testing.assert_allclose(scores.stats.mu, x.mean(axis=0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(scores.stats.sigma, np.cov(x, rowvar=False), rtol=1e-10)
+    assert torch.equal(scores.features, feats) and torch.equal(scores.probs, feats.softmax(1))
+
+    path = write_stats_file(tmp_path / "ref.npz", scores)
+    mu, sigma = load_fid_stats(path, dim=6)
+    m = metrics_from_scores(scores, net, mu, sigma, is_splits=4, kid_features=x)
+    assert m["fid"] == pytest.approx(0.0, abs=1e-9)
+    assert m["inception_score"] == inception_score(feats.softmax(dim=1), splits=4)
+    assert m["kid"] == kernel_inception_distance(x, x)
+    other = score_dataset(TensorDataset(images.flip(0)[:32] * 0.5), net, progress=False)
+    m_other = metrics_from_scores(other, net, mu, sigma, is_splits=4)
+    assert m_other["fid"] == pytest.approx(frechet_distance(*other.stats.mu_sigma(), mu, sigma))
+    assert m_other["fid"] > 0.01
+    with pytest.raises(ValueError, match=r"ref\.npz holds statistics of D=6.*features have D=5"):
+        load_fid_stats(path, dim=5)

@@ -1,8 +1,11 @@
 """Our U-Net computes what the published SDDPM model computes (tests/data/REFERENCE.md).
 
 Forward outputs: every element within 1e-5 absolute of the published output. A spike that
-flips through float rounding would move an element further; we allow at most
-MAX_FLIPPED_ELEMENTS such elements of the 768 (measured here: 0).
+flipped through float rounding would move an element further; MAX_FLIPPED_ELEMENTS is how many
+such elements of the 768 we allow, and it is 0 because that is what is measured, with every
+neuron kernel: we run the published float32 operations in the published order, so no membrane
+lands on the other side of its threshold. A flip here is a change of arithmetic to look at,
+not noise to tolerate.
 """
 
 import pytest
@@ -11,7 +14,7 @@ import torch
 from sddpm.compat import to_published
 from sddpm.snn import KERNELS, get_thresholds, override_threshold, set_neuron_kernel
 
-MAX_FLIPPED_ELEMENTS = 2
+MAX_FLIPPED_ELEMENTS = 0
 ATOL = 1e-5
 
 

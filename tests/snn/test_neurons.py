@@ -79,8 +79,6 @@ def test_lif_soft_reset_trajectory():
 
 
 def test_lif_without_input_decay():
-    n = SpikingNeuron(tau=2.0)
-    n.decay_input = False
     s, v = neuron_step(
         torch.tensor([0.8]),
         torch.tensor([0.1]),

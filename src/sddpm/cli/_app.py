@@ -2,9 +2,45 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+import re
+import typing
+from collections.abc import Callable
+
 import typer
 
-app = typer.Typer(
+_ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")
+
+
+def plain_text(doc: str) -> str:
+    """Help text as plain text: reStructuredText roles and backquotes removed, and each
+    paragraph on one line (the terminal wraps it), so no sentence breaks where the source did.
+    """
+    text = _ROLE.sub(r"\1", inspect.cleandoc(doc)).replace("``", "").replace("`", "")
+    paragraphs = (
+        " ".join(line.strip() for line in p.splitlines()) for p in re.split(r"\n\s*\n", text)
+    )
+    return "\n\n".join(p for p in paragraphs if p)
+
+
+class _PlainHelpTyper(typer.Typer):
+    """A Typer whose commands' help (``help=`` or the docstring) and epilog are
+    :func:`plain_text`."""
+
+    def command(self, name: str | None = None, **kwargs):
+        register = super().command
+
+        def decorator(f):
+            text = kwargs.pop("help", None) or inspect.getdoc(f) or ""
+            if kwargs.get("epilog"):
+                kwargs["epilog"] = plain_text(kwargs["epilog"])
+            return register(name, help=plain_text(text), **kwargs)(f)
+
+        return decorator
+
+
+app = _PlainHelpTyper(
     help="Spiking denoising diffusion models: train, sample, evaluate, measure energy.",
     no_args_is_help=True,
     add_completion=False,
@@ -37,11 +73,18 @@ def parse_ints(text: str | None, what: str) -> tuple[int, ...] | None:
 
 
 # Options shared by the commands that sample (sample, evaluate, sweep-threshold, energy).
+# The sampling settings among them become one SamplingOptions: see `with_sampling_options`.
 RUN_OPTION = typer.Option(None, "--run", help="Run directory (latest checkpoint).")
 CHECKPOINT_OPTION = typer.Option(None, "--checkpoint", help="A model directory.")
 SAMPLER_OPTION = typer.Option("ddim", "--sampler", help="ddpm, ddim or dpm-solver++.")
 STEPS_OPTION = typer.Option(
     None, "--steps", help="Model calls (default: 1000 ddpm, 100 ddim, 20 dpm-solver++)."
+)
+SPACING_OPTION = typer.Option(
+    None,
+    "--spacing",
+    help="Step grid: linear, uniform, quadratic or logsnr (default: linear for a respaced "
+    "ddpm, uniform for ddim, logsnr for dpm-solver++).",
 )
 ETA_OPTION = typer.Option(0.0, "--eta", help="DDIM noise: 0 deterministic, 1 DDPM-like.")
 THRESHOLD_OPTION = typer.Option(
@@ -54,11 +97,87 @@ DEVICE_OPTION = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ...")
 BF16_OPTION = typer.Option(
     False, "--bf16", help="bfloat16 autocast of the U-Net (GPUs; membranes stay float32)."
 )
+COMPILE_OPTION = typer.Option(False, "--compile", help="torch.compile the U-Net.")
 NEURON_KERNEL_OPTION = typer.Option(
     "auto",
     "--neuron-kernel",
     help="auto (triton on CUDA when installed, else eager), eager, compiled or triton.",
 )
+
+# SamplingOptions field -> (CLI flag, its option, its type).
+SAMPLING_FLAGS = {
+    "sampler": ("--sampler", SAMPLER_OPTION, str),
+    "steps": ("--steps", STEPS_OPTION, int | None),
+    "spacing": ("--spacing", SPACING_OPTION, str | None),
+    "eta": ("--eta", ETA_OPTION, float),
+    "threshold": ("--threshold", THRESHOLD_OPTION, float | None),
+    "seed": ("--seed", SEED_OPTION, int),
+    "batch_size": ("--batch-size", BATCH_SIZE_OPTION, int),
+    "bf16": ("--bf16", BF16_OPTION, bool),
+    "compile": ("--compile", COMPILE_OPTION, bool),
+    "neuron_kernel": ("--neuron-kernel", NEURON_KERNEL_OPTION, str),
+    "device": ("--device", DEVICE_OPTION, str),
+}
+
+
+def fail_with(err: Exception) -> None:
+    """``fail`` with a library error's message; a bad sampling option also names its flag."""
+    from ..diffusion import OptionError
+
+    if isinstance(err, OptionError) and err.field in SAMPLING_FLAGS:
+        fail(f"{SAMPLING_FLAGS[err.field][0]}: {err}")
+    fail(str(err))
+
+
+def sampling_options(**values):
+    """The :class:`~sddpm.diffusion.SamplingOptions` of the flags' ``values`` (field names);
+    a bad value fails with its flag."""
+    from ..diffusion import OptionError, SamplingOptions
+
+    try:
+        return SamplingOptions(**values)
+    except OptionError as err:
+        fail_with(err)
+        raise
+
+
+def with_sampling_options(
+    command: Callable[..., None] | None = None, *, exclude: tuple[str, ...] = ()
+):
+    """Give a command every sampling flag of :data:`SAMPLING_FLAGS` (but ``exclude``), after
+    its own parameters; it receives them as one validated ``options`` argument, a
+    :class:`~sddpm.diffusion.SamplingOptions` (excluded fields at their defaults)::
+
+        @app.command("sample")
+        @with_sampling_options
+        def sample_command(out: Path = OUT_OPTION, *, options) -> None: ...
+    """
+    if command is None:
+        return lambda c: with_sampling_options(c, exclude=exclude)
+    hints = typing.get_type_hints(command)
+    own = [
+        p.replace(annotation=hints.get(p.name, p.annotation))
+        for p in inspect.signature(command).parameters.values()
+        if p.name != "options"
+    ]
+    fields = [name for name in SAMPLING_FLAGS if name not in exclude]
+    clash = sorted({p.name for p in own} & set(fields))
+    if clash:
+        raise TypeError(f"{command.__name__} declares shared sampling flags itself: {clash}")
+    added = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=kind)
+        for name, (_, opt, kind) in SAMPLING_FLAGS.items()
+        if name in fields
+    ]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        values = {name: kwargs.pop(name) for name in fields}
+        return command(**kwargs, options=sampling_options(**values))
+
+    wrapper.__signature__ = inspect.Signature([*own, *added])
+    wrapper.__annotations__ = {p.name: p.annotation for p in (*own, *added)}
+    return wrapper
 
 
 def resolve_source(run, checkpoint):

@@ -11,22 +11,16 @@ from pathlib import Path
 import typer
 
 from ._app import (
-    BATCH_SIZE_OPTION,
-    BF16_OPTION,
     CHECKPOINT_OPTION,
     DEVICE_OPTION,
-    ETA_OPTION,
-    NEURON_KERNEL_OPTION,
     RUN_OPTION,
-    SAMPLER_OPTION,
-    SEED_OPTION,
-    STEPS_OPTION,
-    THRESHOLD_OPTION,
     WEIGHTS_OPTION,
     app,
     fail,
+    fail_with,
     print_table,
     resolve_source,
+    with_sampling_options,
 )
 
 _ERRORS = (ValueError, FileNotFoundError)
@@ -38,23 +32,23 @@ FEATURES_HELP = (
 
 
 def _check_features(features: str) -> None:
-    from ..evaluation.evaluate import FEATURE_NETWORKS
+    from ..evaluation import FEATURE_NETWORKS
 
     if features not in FEATURE_NETWORKS:
         fail(f"--features must be one of {', '.join(FEATURE_NETWORKS)}, got {features!r}")
 
 
 def _check_device(device: str) -> None:
-    from ..evaluation.evaluate import check_device
+    from ..evaluation import check_device
 
     try:
         check_device(device)
     except ValueError as err:
-        fail(str(err))
+        fail(f"--device: {err}")
 
 
 def _proxy_warning() -> None:
-    from ..evaluation.evaluate import PROXY_NOTE
+    from ..evaluation import PROXY_NOTE
 
     typer.echo(f"note: {PROXY_NOTE}")
 
@@ -79,7 +73,7 @@ def fid_stats_command(
     device: str = DEVICE_OPTION,
 ) -> None:
     """Reference statistics of a dataset's images (no flips) in the published .npz format."""
-    from ..evaluation.evaluate import (
+    from ..evaluation import (
         FeatureNetwork,
         compute_fid_stats_for_dataset,
         distributed_from_env,
@@ -123,19 +117,16 @@ def fid_stats_command(
             _proxy_warning()
 
 
-@app.command("evaluate")
+@app.command(
+    "evaluate", help="Generate N images and write FID, IS and KID with the settings to JSON."
+)
+@with_sampling_options
 def evaluate_command(
     stats: Path = typer.Option(..., "--stats", help="Reference .npz (sddpm fid-stats)."),
     out: Path = typer.Option(..., "--out", help="Output metrics .json."),
     run: Path | None = RUN_OPTION,
     checkpoint: Path | None = CHECKPOINT_OPTION,
     num: int = typer.Option(50000, "--num", help="Number of images to generate."),
-    sampler: str = SAMPLER_OPTION,
-    steps: int | None = STEPS_OPTION,
-    eta: float = ETA_OPTION,
-    threshold: float | None = THRESHOLD_OPTION,
-    seed: int = SEED_OPTION,
-    batch_size: int = BATCH_SIZE_OPTION,
     weights: str | None = WEIGHTS_OPTION,
     features: str = typer.Option("inception", "--features", help=FEATURES_HELP),
     inception_weights: Path | None = typer.Option(None, "--inception-weights"),
@@ -150,15 +141,12 @@ def evaluate_command(
     kid_data_dir: Path | None = typer.Option(None, "--kid-data-dir"),
     kid_num: int | None = typer.Option(None, "--kid-num", help="Images of --kid-dataset."),
     is_splits: int = typer.Option(10, "--is-splits", help="Inception Score splits."),
-    device: str = DEVICE_OPTION,
-    neuron_kernel: str = NEURON_KERNEL_OPTION,
-    bf16: bool = BF16_OPTION,
+    *,
+    options,
 ) -> None:
-    """Generate N images and write FID, IS and KID with the settings to a JSON file."""
-    from ..evaluation.evaluate import (
+    from ..evaluation import (
         FeatureNetwork,
         check_stats_file,
-        check_threshold,
         distributed_from_env,
         evaluate_model,
     )
@@ -170,28 +158,19 @@ def evaluate_command(
     _check_features(features)
     if num < 2:
         fail(f"FID needs at least 2 images (a covariance), got --num {num}")
-    _check_device(device)
-    with distributed_from_env(device) as (rank, _world, dev):
+    with distributed_from_env(options.device) as (rank, _world, dev):
+        options = options.replace(device=str(dev))
         try:
-            check_threshold(threshold)
             check_stats_file(stats, features)
             model_dir = find_model_dir(source)
-            setup = load_for_sampling(
-                model_dir, weights=weights, device=dev, neuron_kernel=neuron_kernel
-            )
+            setup = _load(load_for_sampling, model_dir, weights, options)
             net = FeatureNetwork.load(features, inception_weights=inception_weights, device=dev)
             result = evaluate_model(
                 setup,
                 net,
                 stats,
                 num,
-                sampler=sampler,
-                steps=steps,
-                eta=eta,
-                threshold=threshold,
-                seed=seed,
-                batch_size=batch_size,
-                device=dev,
+                options,
                 is_splits=is_splits,
                 kid_reference=kid_reference,
                 kid_dataset=kid_dataset,
@@ -199,23 +178,35 @@ def evaluate_command(
                 kid_num=kid_num,
                 checkpoint=model_dir.resolve(),
                 progress=rank == 0,
-                bf16=bf16,
             )
+            if rank == 0:
+                data = result.to_dict()
+                data["weights"] = weights
+                write_json(out, data)
         except _ERRORS as err:
-            fail(str(err))
+            fail_with(err)
             return
         if rank != 0:
             return
-        data = result.to_dict()
-        data["weights"] = weights
-        write_json(out, data)
         print_table(["metric", "value"], result.table_rows())
         typer.echo(f"wrote {out}")
         if result.proxy:
             _proxy_warning()
 
 
-@app.command("sweep-threshold")
+def _load(load_for_sampling, model_dir: Path, weights: str | None, options):
+    return load_for_sampling(
+        model_dir, weights=weights, device=options.device, neuron_kernel=options.neuron_kernel
+    )
+
+
+@app.command(
+    "sweep-threshold",
+    help="Evaluate several threshold-guidance values with the same seeds and mark the best. "
+    "Each value is written to --out as soon as it is done; a rerun into the same --out skips "
+    "the values already there.",
+)
+@with_sampling_options(exclude=("threshold",))
 def sweep_threshold_command(
     values: str = typer.Option(
         ..., "--values", help="start:stop:step (stop included) or a comma list, e.g. 0.99,1,1.01"
@@ -228,25 +219,19 @@ def sweep_threshold_command(
         "fid", "--metric", help="fid (FID Inception) or proxy-fid (digits network)."
     ),
     num: int = typer.Option(10000, "--num", help="Images per threshold value."),
-    sampler: str = SAMPLER_OPTION,
-    steps: int | None = STEPS_OPTION,
-    eta: float = ETA_OPTION,
-    seed: int = typer.Option(0, "--seed", help="The same seeds for every value."),
-    batch_size: int = BATCH_SIZE_OPTION,
     weights: str | None = WEIGHTS_OPTION,
     inception_weights: Path | None = typer.Option(None, "--inception-weights"),
     is_splits: int = typer.Option(10, "--is-splits", help="Inception Score splits."),
-    device: str = DEVICE_OPTION,
-    neuron_kernel: str = NEURON_KERNEL_OPTION,
-    bf16: bool = BF16_OPTION,
+    *,
+    options,
 ) -> None:
-    """Evaluate several threshold-guidance values with the same seeds; mark the best."""
-    from ..evaluation.evaluate import (
+    from ..evaluation import (
         SWEEP_METRICS,
         FeatureNetwork,
         check_stats_file,
         distributed_from_env,
         parse_threshold_values,
+        sweep_paths,
         sweep_threshold,
     )
     from ..generation import load_for_sampling
@@ -257,20 +242,21 @@ def sweep_threshold_command(
         fail(f"--metric must be one of {', '.join(SWEEP_METRICS)}, got {metric!r}")
     if num < 2:
         fail(f"FID needs at least 2 images (a covariance), got --num {num}")
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file; give a folder for sweep.json, .csv and .png")
     try:
         thresholds = parse_threshold_values(values)
     except ValueError as err:
         fail(str(err))
         return
     features = "digits" if metric == "proxy-fid" else "inception"
-    _check_device(device)
-    with distributed_from_env(device) as (rank, _world, dev):
+    had = sweep_paths(out)["json"].is_file()
+    with distributed_from_env(options.device) as (rank, _world, dev):
+        options = options.replace(device=str(dev))
         try:
             check_stats_file(stats, features)
             model_dir = find_model_dir(source)
-            setup = load_for_sampling(
-                model_dir, weights=weights, device=dev, neuron_kernel=neuron_kernel
-            )
+            setup = _load(load_for_sampling, model_dir, weights, options)
             net = FeatureNetwork.load(features, inception_weights=inception_weights, device=dev)
             result = sweep_threshold(
                 setup,
@@ -278,30 +264,27 @@ def sweep_threshold_command(
                 stats,
                 thresholds,
                 num,
+                options,
                 metric=metric,
-                sampler=sampler,
-                steps=steps,
-                eta=eta,
-                seed=seed,
-                batch_size=batch_size,
-                device=dev,
                 is_splits=is_splits,
                 checkpoint=model_dir.resolve(),
                 progress=rank == 0,
-                bf16=bf16,
+                out_dir=out,
+                record={"weights": weights},
             )
         except _ERRORS as err:
-            fail(str(err))
+            fail_with(err)
             return
         if rank != 0:
             return
-        result.settings["weights"] = weights
         paths = result.write(out)
         print_table(*result.table())
         best = result.best
         typer.echo(
             f"best threshold {result.thresholds[best]:g}: {metric} {result.values[best]:.4f}"
         )
+        if had:
+            typer.echo(f"resumed from {paths['json']}")
         typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
         if result.proxy:
             _proxy_warning()

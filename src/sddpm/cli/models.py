@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import typer
@@ -42,15 +40,15 @@ def convert_command(
     entry: str = typer.Option("net_model", "--entry", help="net_model or ema_model."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
 ) -> None:
-    """Turn a published SDDPM .pt checkpoint into an sddpm model directory
-    (config.json + model.safetensors, plus ema.safetensors when the checkpoint has an EMA)."""
+    """Turn a published SDDPM .pt checkpoint into an sddpm model directory (config.json and
+    model.safetensors, plus ema.safetensors when the checkpoint has an EMA)."""
     from ..compat import from_published, load_published_file, published_state_dict
     from ..models import preset, save_pretrained
 
     if not checkpoint.is_file():
         fail(f"{checkpoint} does not exist")
-    if out.exists() and any(out.iterdir()) and not force:
-        fail(f"{out} exists and is not empty; choose another --out or pass --force")
+    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
+        fail(f"{out} exists and is not an empty folder; choose another --out or pass --force")
     try:
         cfg = preset(preset_name)
         overrides = {
@@ -71,21 +69,17 @@ def convert_command(
     except ValueError as err:
         fail(str(err))
         return
-    # Write beside the target, then move into place: no half-written directory on failure.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        save_pretrained(
-            model,
-            tmp,
-            ema_state=ema_state,
-            default_weights="model",
-            extra={"source": {"published_checkpoint": str(checkpoint), "entry": entry}},
-        )
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    # save_pretrained writes each file atomically and the config last, so the directory is a
+    # model (has a config.json) only once all its weights are there.
+    if out.is_dir() and force:
+        shutil.rmtree(out)
+    elif out.exists() and force:
+        out.unlink()
+    save_pretrained(
+        model,
+        out,
+        ema_state=ema_state,
+        default_weights="model",
+        extra={"source": {"published_checkpoint": str(checkpoint), "entry": entry}},
+    )
     typer.echo(f"wrote {out} ({entry}{' + ema_model' if ema_state is not None else ''})")

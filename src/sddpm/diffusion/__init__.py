@@ -17,6 +17,7 @@ from .loss import (
     training_loss,
     v_target,
 )
+from .options import EXECUTION_FIELDS, OptionError, SamplingOptions
 from .sample import DEFAULT_SPACING, DEFAULT_STEPS, SAMPLERS, sample
 from .schedule import SCHEDULE_KINDS, SPACINGS, NoiseSchedule, timesteps
 from .seeding import PerImageRandn, image_seed, initial_noise
@@ -24,12 +25,15 @@ from .seeding import PerImageRandn, image_seed, initial_noise
 __all__ = [
     "DEFAULT_SPACING",
     "DEFAULT_STEPS",
+    "EXECUTION_FIELDS",
     "NoiseSchedule",
+    "OptionError",
     "PREDICTIONS",
     "PerImageRandn",
     "SAMPLERS",
     "SCHEDULE_KINDS",
     "SPACINGS",
+    "SamplingOptions",
     "ddim_sample",
     "ddim_step",
     "ddpm_sample",

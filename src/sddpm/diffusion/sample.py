@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
 from collections.abc import Sequence
 
 import torch
@@ -14,15 +12,14 @@ from .ddim import ddim_sample
 from .ddpm import ddpm_sample
 from .dpm_solver import dpm_solver_sample
 from .loss import Model, check_prediction
-from .schedule import SPACINGS, NoiseSchedule
+from .options import DEFAULT_SPACING, DEFAULT_STEPS, SAMPLERS, SamplingOptions
+from .schedule import NoiseSchedule
 from .seeding import SAMPLER_NOISE_STREAM, PerImageRandn, _as_indices, initial_noise
 
-SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
-# The number of model calls when steps=None (DDPM: every step of the schedule).
-DEFAULT_STEPS = {"ddim": 100, "dpm-solver++": 20}
-DEFAULT_SPACING = {"ddpm": "linear", "ddim": "uniform", "dpm-solver++": "logsnr"}
-
 __all__ = ["DEFAULT_SPACING", "DEFAULT_STEPS", "SAMPLERS", "initial_noise", "sample"]
+
+# sample()'s own defaults for the settings that options= may carry instead.
+_KEYWORD_DEFAULTS = dict(sampler="ddpm", steps=None, spacing=None, eta=0.0, threshold=None, seed=0)
 
 
 def sample(
@@ -39,6 +36,8 @@ def sample(
     prediction: str = "eps",
     clip_x0: bool = True,
     spacing: str | None = None,
+    *,
+    options: SamplingOptions | None = None,
 ) -> torch.Tensor:
     """Generate images from the initial noise ``x_T``.
 
@@ -64,6 +63,10 @@ def sample(
         spacing: the step grid (see :func:`sddpm.diffusion.timesteps`); default per sampler:
             ``"linear"`` for respaced DDPM, ``"uniform"`` (published) for DDIM, ``"logsnr"``
             for DPM-Solver++.
+        options: the same settings (``sampler``, ``steps``, ``spacing``, ``eta``,
+            ``threshold``, ``seed``) as one :class:`SamplingOptions`, instead of the keywords;
+            its batching, autocast, compile, kernel and device fields are not used here (see
+            :func:`sddpm.generation.generate_batches`).
 
     Returns:
         ``x_0`` ``[B, C, H, W]`` float32, in [-1, 1] when ``clip_x0``.
@@ -72,45 +75,33 @@ def sample(
         ValueError: before any model call, for an unknown sampler, prediction or spacing,
             ``steps`` outside ``[1, T]``, ``threshold <= 0``, ``eta`` < 0 or given to a sampler
             other than DDIM, an ``x_T`` that is not a 4-D floating tensor or that the model
-            rejects, or ``indices`` that do not match the batch.
+            rejects, ``indices`` that do not match the batch, or keywords together with
+            ``options``.
     """
     # ---- validate everything before any work
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    keywords = dict(
+        sampler=sampler, steps=steps, spacing=spacing, eta=eta, threshold=threshold, seed=seed
+    )
+    if options is None:
+        options = SamplingOptions(**keywords)
+    elif not isinstance(options, SamplingOptions):
+        raise TypeError(f"options must be a SamplingOptions, got {type(options).__name__}")
+    elif both := [k for k, v in keywords.items() if not _is_default(v, _KEYWORD_DEFAULTS[k])]:
+        raise ValueError(f"give the sampling settings as keywords or as options=, not both {both}")
     check_prediction(prediction)
     schedule = NoiseSchedule.linear() if schedule is None else schedule
     if not isinstance(schedule, NoiseSchedule):
         raise ValueError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
-    T = schedule.T
-    if steps is None:
-        n = T if sampler == "ddpm" else min(DEFAULT_STEPS[sampler], T)
-    elif isinstance(steps, bool) or int(steps) != steps or not 1 <= steps <= T:
-        raise ValueError(
-            f"steps must be an integer in [1, {T}] (the schedule length), got {steps!r}"
-        )
-    else:
-        n = int(steps)
-    spacing = DEFAULT_SPACING[sampler] if spacing is None else spacing
-    if spacing not in SPACINGS:
-        raise ValueError(f"unknown spacing {spacing!r}; choose one of {SPACINGS}")
-    if not (isinstance(eta, numbers.Real) and math.isfinite(eta) and eta >= 0):
-        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
-    if eta != 0 and sampler != "ddim":
-        raise ValueError(f"eta applies to the ddim sampler only, got eta={eta} with {sampler!r}")
-    if threshold is not None:
-        if not (isinstance(threshold, numbers.Real) and math.isfinite(threshold)):
-            raise ValueError(f"threshold must be a finite number > 0, got {threshold!r}")
-        if threshold <= 0:
-            raise ValueError(f"threshold must be > 0, got {threshold}")
-        if not isinstance(model, nn.Module):
-            raise ValueError("threshold guidance needs a torch.nn.Module with spiking neurons")
+    n = options.steps_for(schedule.T)
+    spacing = options.resolved_spacing
+    sampler, eta, threshold, seed = options.sampler, options.eta, options.threshold, options.seed
+    if threshold is not None and not isinstance(model, nn.Module):
+        raise ValueError("threshold guidance needs a torch.nn.Module with spiking neurons")
     if not isinstance(x_T, torch.Tensor) or x_T.dim() != 4:
         shape = tuple(x_T.shape) if isinstance(x_T, torch.Tensor) else type(x_T).__name__
         raise ValueError(f"x_T must be a 4-D tensor [B, C, H, W], got {shape}")
     if not x_T.is_floating_point():
         raise ValueError(f"x_T must be a floating-point tensor, got {x_T.dtype}")
-    if isinstance(seed, bool) or int(seed) != seed or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     batch = x_T.shape[0]
     idx = list(range(batch)) if indices is None else _as_indices(indices)
     if len(idx) != batch:
@@ -144,6 +135,10 @@ def sample(
             )  # fmt: skip
     # An inference tensor cannot enter autograd later; a clone made outside the mode can.
     return out.clone()
+
+
+def _is_default(value, default) -> bool:
+    return value is default or (not isinstance(value, torch.Tensor) and value == default)
 
 
 def _override_threshold(model: nn.Module, value: float):

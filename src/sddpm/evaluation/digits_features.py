@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..io import atomic_path
 from .metrics import fid_from_features
 
 __all__ = [
@@ -240,16 +240,9 @@ def load_digits_feature_net(
             warnings.warn(f"ignoring unreadable digits feature cache {file}: {err}", stacklevel=2)
     net = train_digits_feature_net(recipe)
     try:
-        cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".tmp", dir=cache)
-        os.close(fd)
-        try:
-            tensors = {k: v.contiguous() for k, v in net.state_dict().items()}
-            save_file(tensors, tmp, metadata={"recipe": recipe_json})
-            os.replace(tmp, file)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        tensors = {k: v.contiguous() for k, v in net.state_dict().items()}
+        with atomic_path(file) as tmp:
+            save_file(tensors, str(tmp), metadata={"recipe": recipe_json})
     except OSError as err:
         warnings.warn(f"could not cache the digits feature network in {cache}: {err}", stacklevel=2)
     return net

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..diffusion import SamplingOptions
 from ..snn import SpikingNeuron
 from .energy_report import EnergyReport, LayerEnergy, NeuronFiring
 
@@ -397,13 +398,8 @@ def ann_twin_macs(config: Any) -> int:
 def measure_sampling_energy(
     model: nn.Module,
     num_images: int,
+    options: SamplingOptions | None = None,
     *,
-    sampler: str = "ddim",
-    steps: int | None = None,
-    eta: float = 0.0,
-    threshold: float | None = None,
-    seed: int = 0,
-    batch_size: int = 64,
     schedule: Any = None,
     prediction: str = "eps",
     e_ac: float = E_AC_PJ,
@@ -411,20 +407,24 @@ def measure_sampling_energy(
     progress: bool = True,
     source: str | os.PathLike | None = None,
     fold_bn: bool = True,
+    **changes: Any,
 ) -> EnergyReport:
     """Generate ``num_images`` images with :func:`sddpm.diffusion.sample` (per-image seeds,
     in batches, on the model's device) and measure them with an :class:`EnergyMeter`.
 
-    ``model`` is a U-Net in eval mode; the sampler arguments are those of
-    :func:`sddpm.diffusion.sample`. The images are discarded; per-image energy uses the model
-    calls actually made per image. With ``fold_bn`` the measured network is the copy with
-    BatchNorm folded into its convs that :func:`sddpm.generation.generate` samples with (the
-    same layers and counts; BatchNorm is not counted either way)."""
+    ``model`` is a U-Net in eval mode; ``options`` (:class:`~sddpm.diffusion.SamplingOptions`,
+    keyword ``changes`` such as ``steps=4`` applied on top) says how to sample. The images are
+    discarded; per-image energy uses the model calls actually made per image. With ``fold_bn``
+    the measured network is the copy with BatchNorm folded into its convs that
+    :func:`sddpm.generation.generate` samples with (the same layers and counts; BatchNorm is
+    not counted either way)."""
     from ..generation import generate_batches
     from ..models import UNet, fold_batchnorm
 
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
+    opts = SamplingOptions.build(options, **changes)
+    opts = opts.replace(device=str(next(model.parameters()).device))
     if fold_bn and isinstance(model, UNet):
         model = fold_batchnorm(model.eval())
     cfg = model.config
@@ -434,28 +434,15 @@ def measure_sampling_energy(
             model,
             num_images,
             (cfg.image_channels, cfg.image_size, cfg.image_size),
-            sampler=sampler,
-            steps=steps,
-            eta=eta,
-            threshold=threshold,
-            seed=seed,
-            batch_size=batch_size,
+            opts,
             schedule=schedule,
             prediction=prediction,
-            device=next(model.parameters()).device,
             progress=progress,
-            desc=f"energy {sampler}",
+            desc=f"energy {opts.sampler}",
             fold_bn=False,
         ):
             pass
     calls = meter.evaluations / num_images
-    settings = {
-        "source": None if source is None else str(source),
-        "sampler": sampler,
-        "steps": steps if steps is not None else round(calls),
-        "eta": eta,
-        "threshold": threshold,
-        "seed": seed,
-        "batch_size": batch_size,
-    }
+    settings = {"source": None if source is None else str(source), **opts.to_dict()}
+    settings["steps"] = opts.steps if opts.steps is not None else round(calls)
     return meter.report(num_images=num_images, settings=settings)

@@ -8,10 +8,10 @@
   of singular products and tiny imaginary parts.
 - :func:`inception_score` is the published IS (10 splits, mean and std over the splits).
 - :func:`kernel_inception_distance` is KID (cubic polynomial kernel, unbiased MMD^2, subsets).
-- :class:`InceptionMetrics` glues these to :class:`~sddpm.evaluation.inception.FIDInceptionV3`.
 
 Everything here takes plain ``[N, D]`` arrays or tensors, so it works with any feature network
-(the FID Inception, or the digits proxy network of :mod:`sddpm.evaluation.digits_features`).
+(the FID Inception, or the digits proxy network of :mod:`sddpm.evaluation.digits_features`);
+:mod:`.scores` feeds them from generated or dataset images.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from torch import Tensor
 
 __all__ = [
     "FeatureStats",
-    "InceptionMetrics",
     "fid_from_features",
     "frechet_distance",
     "inception_score",
@@ -264,97 +263,3 @@ def kernel_inception_distance(
         off_diag = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
         values[i] = off_diag - 2.0 * kxy.mean()
     return float(values.mean()), float(values.std())
-
-
-class InceptionMetrics:
-    """Accumulates FID statistics and IS probabilities of images, batch by batch.
-
-    ``model`` is any module returning :class:`~sddpm.evaluation.inception.InceptionOutput`
-    (``pool`` and ``prob``) for images in [0, 1], normally
-    :func:`~sddpm.evaluation.inception.load_fid_inception`. ``keep_features=True`` also keeps
-    every pool feature (float32, on the CPU) for KID.
-
-    Distributed: every rank updates with its own shard, then calls :meth:`all_reduce` once; after
-    it every rank holds the statistics, probabilities and features of all ranks (probabilities
-    ordered by rank).
-    """
-
-    def __init__(self, model: torch.nn.Module, *, keep_features: bool = False) -> None:
-        self.model = model
-        device = next(model.parameters()).device
-        self.stats = FeatureStats(_pool_dim(model), device=device)
-        self.keep_features = keep_features
-        self._probs: list[Tensor] = []
-        self._features: list[Tensor] = []
-
-    @torch.no_grad()
-    def update(self, images: Tensor) -> None:
-        """Add ``[N, 3 or 1, H, W]`` float images in [0, 1]."""
-        device = self.stats.device
-        out = self.model(images.to(device))
-        self.stats.update(out.pool)
-        self._probs.append(out.prob.float().cpu())
-        if self.keep_features:
-            self._features.append(out.pool.float().cpu())
-
-    @property
-    def count(self) -> int:
-        return self.stats.count
-
-    @property
-    def probs(self) -> Tensor:
-        return torch.cat(self._probs) if self._probs else torch.empty(0, 0)
-
-    @property
-    def features(self) -> Tensor:
-        if not self.keep_features:
-            raise RuntimeError(
-                "features were not kept: create InceptionMetrics(keep_features=True)"
-            )
-        return torch.cat(self._features) if self._features else torch.empty(0, 0)
-
-    def all_reduce(self) -> InceptionMetrics:
-        """Gather every rank's results onto every rank; a no-op when not distributed."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return self
-        self.stats.all_reduce()
-        self._probs = [_all_gather_rows(self.probs, self.stats.device)]
-        if self.keep_features:
-            self._features = [_all_gather_rows(self.features, self.stats.device)]
-        return self
-
-    def fid(self, ref_mu: ArrayLike, ref_sigma: ArrayLike) -> float:
-        """FID of the images seen against reference statistics (e.g. from a ``.npz`` file)."""
-        mu, sigma = self.stats.mu_sigma()
-        ref_mu = np.asarray(ref_mu)
-        if ref_mu.shape != mu.shape:
-            raise ValueError(
-                f"feature dimension mismatch: the reference statistics have D={ref_mu.shape[-1]}, "
-                f"the features have D={mu.shape[0]}"
-            )
-        return frechet_distance(mu, sigma, ref_mu, ref_sigma)
-
-    def inception_score(self, splits: int = 10) -> tuple[float, float]:
-        return inception_score(self.probs, splits=splits)
-
-
-def _pool_dim(model: torch.nn.Module) -> int:
-    fc = getattr(model, "fc", None)
-    if isinstance(fc, torch.nn.Linear):
-        return fc.in_features
-    raise ValueError("model must have an `fc` Linear layer whose input is the pool features")
-
-
-def _all_gather_rows(x: Tensor, device: torch.device) -> Tensor:
-    """Concatenate ``[n_r, D]`` tensors of every rank (n_r may differ), in rank order."""
-    x = x.to(device)
-    world = dist.get_world_size()
-    n = torch.tensor([x.shape[0]], device=device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    sizes = [int(s.item()) for s in sizes]
-    padded = x.new_zeros((max(sizes), *x.shape[1:]))
-    padded[: x.shape[0]] = x
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[:s] for p, s in zip(parts, sizes, strict=True)]).cpu()

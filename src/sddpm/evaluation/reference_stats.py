@@ -1,34 +1,45 @@
-"""Reference FID statistics: ``.npz`` files with ``mu`` ``[D]`` and ``sigma`` ``[D, D]``.
+"""Reference statistics: ``.npz`` files with ``mu`` ``[D]`` and ``sigma`` ``[D, D]`` (and,
+for KID, optionally ``features`` ``[N, D]``), and making them from a dataset.
 
 This is the format of the published statistics files (pytorch-ddpm / SDDPM ``cifar10.train.npz``,
 pytorch-fid's ``--save-stats``), so those files load here and files written here load there.
-Writes are atomic: a temporary file in the same directory, then ``os.replace``.
+Writes are atomic (:func:`sddpm.io.atomic_path`).
+
+KID needs reference *features*, not just ``mu`` / ``sigma``: :func:`load_kid_reference` reads
+them from an ``.npz`` that has them (``sddpm fid-stats --keep-features``).
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import Tensor
 
-from .metrics import FeatureStats, frechet_distance
+from ..io import atomic_path
+from .features import FEATURE_DIMS, FEATURE_NETWORKS, FeatureNetwork
+from .process_group import rank_and_world
+from .scores import SampleScores, score_dataset
 
 __all__ = [
-    "compute_fid_stats",
-    "fid_against_stats_file",
+    "check_stats_file",
+    "compute_fid_stats_for_dataset",
     "load_fid_stats",
+    "load_kid_reference",
     "save_fid_stats",
+    "write_stats_file",
 ]
 
 
-def save_fid_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray) -> Path:
-    """Write ``mu`` ``[D]`` and ``sigma`` ``[D, D]`` (as float64) to ``path`` atomically.
+def save_fid_stats(
+    path: str | os.PathLike,
+    mu: np.ndarray,
+    sigma: np.ndarray,
+    features: np.ndarray | None = None,
+) -> Path:
+    """Write ``mu`` ``[D]`` and ``sigma`` ``[D, D]`` (as float64) and, if given, ``features``
+    ``[N, D]`` (as float32) to ``path`` atomically.
 
     ``path`` is used as given (no ``.npz`` is appended). Parent directories are created.
     Returns the path.
@@ -37,20 +48,11 @@ def save_fid_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray) -
     mu = np.asarray(mu, dtype=np.float64)
     sigma = np.asarray(sigma, dtype=np.float64)
     _validate(mu, sigma, source="the statistics to save")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, mu=mu, sigma=sigma)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    arrays = {"mu": mu, "sigma": sigma}
+    if features is not None:
+        arrays["features"] = np.asarray(features, dtype=np.float32)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
     return path
 
 
@@ -65,9 +67,9 @@ def load_fid_stats(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"FID statistics file not found: {path}. Compute one with "
-            "sddpm.evaluation.compute_fid_stats + save_fid_stats (or use a published .npz "
-            "with keys 'mu' and 'sigma')"
+            f"FID statistics file not found: {path}. Compute one with `sddpm fid-stats` "
+            "(sddpm.evaluation.compute_fid_stats_for_dataset + write_stats_file) or use a "
+            "published .npz with keys 'mu' and 'sigma'"
         )
     try:
         data = np.load(path, allow_pickle=False)
@@ -112,42 +114,83 @@ def _validate(mu: np.ndarray, sigma: np.ndarray, *, source: str) -> None:
         raise ValueError(f"{source}: 'mu' or 'sigma' holds NaN or infinite values")
 
 
-@torch.no_grad()
-def compute_fid_stats(
-    batches: Iterable[Tensor],
-    model: torch.nn.Module,
+def compute_fid_stats_for_dataset(
+    dataset_name: str,
+    net: FeatureNetwork,
     *,
+    data_dir: str | os.PathLike | None = None,
+    num: int | None = None,
+    batch_size: int = 256,
+    train: bool = True,
+    download: bool = False,
+    keep_features: bool = False,
+    num_workers: int = 0,
     progress: bool = True,
-    total: int | None = None,
-    desc: str = "FID statistics",
-) -> FeatureStats:
-    """Feature statistics of images, e.g. a training set, for a reference ``.npz``.
+) -> SampleScores:
+    """Scores of a registered dataset's images (no flips), gathered over DDP ranks.
 
-    ``batches`` yields ``[N, C, H, W]`` float images in [0, 1]; ``model`` returns an object with
-    a ``pool`` attribute (:class:`~sddpm.evaluation.inception.FIDInceptionV3`) or a plain
-    ``[N, D]`` tensor. ``total`` (number of images) sizes the progress bar. Call
-    ``.all_reduce()`` on the result when running under DDP, then
-    ``save_fid_stats(path, *stats.mu_sigma())``.
+    Call :func:`write_stats_file` with the result (on rank 0) for a reference ``.npz``.
     """
-    from tqdm.auto import tqdm
+    from ..data import build_dataset
 
-    device = next(model.parameters()).device
-    stats: FeatureStats | None = None
-    with tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar:
-        for images in batches:
-            out = model(images.to(device))
-            feats = out.pool if hasattr(out, "pool") else out
-            if stats is None:
-                stats = FeatureStats(feats.shape[1], device=device)
-            stats.update(feats)
-            bar.update(images.shape[0])
-    if stats is None:
-        raise ValueError("compute_fid_stats got no images")
-    return stats
+    if num is not None and num < 2:
+        raise ValueError(f"FID statistics need at least 2 images, got --num {num}")
+    dataset = build_dataset(dataset_name, data_dir, train=train, hflip=False, download=download)
+    rank, world = rank_and_world()
+    scores = score_dataset(
+        dataset,
+        net,
+        num=num,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world,
+        keep_features=keep_features,
+        num_workers=num_workers,
+        progress=progress,
+        desc=f"{dataset_name} features",
+    )
+    return scores.gather()
 
 
-def fid_against_stats_file(stats: FeatureStats, path: str | os.PathLike) -> float:
-    """FID of accumulated feature statistics against a reference ``.npz`` file."""
-    ref_mu, ref_sigma = load_fid_stats(path, dim=stats.dim)
-    mu, sigma = stats.mu_sigma()
-    return frechet_distance(mu, sigma, ref_mu, ref_sigma)
+def write_stats_file(path: str | os.PathLike, scores: SampleScores) -> Path:
+    """Write ``mu`` ``[D]``, ``sigma`` ``[D, D]`` (float64; the published format) and, when the
+    scores kept them, ``features`` ``[N, D]`` float32 (KID reference) to ``path``, atomically."""
+    features = None if scores.features is None else scores.features.numpy()
+    return save_fid_stats(path, *scores.stats.mu_sigma(), features=features)
+
+
+def check_stats_file(path: str | os.PathLike, features: str) -> None:
+    """Refuse a statistics file that is missing, malformed, or of another feature network's
+    size, before any network is loaded or image generated."""
+    if features not in FEATURE_DIMS:
+        raise ValueError(f"unknown feature network {features!r}; choose one of {FEATURE_NETWORKS}")
+    try:
+        load_fid_stats(path, dim=FEATURE_DIMS[features])
+    except ValueError as err:
+        if "feature dimension mismatch" in str(err):
+            hint = f"; make matching ones with `sddpm fid-stats --features {features}`"
+            for name, d in FEATURE_DIMS.items():
+                if name != features and f"D={d} features" in str(err):
+                    hint = f" ({name} statistics: score with the {name} network){hint}"
+            raise ValueError(f"{err}{hint}") from None
+        raise
+
+
+def load_kid_reference(path: str | os.PathLike, dim: int) -> np.ndarray | None:
+    """The ``features`` ``[M, D]`` array of an ``.npz``, or ``None`` if it has none."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"KID reference file not found: {path}")
+    with np.load(path, allow_pickle=False) as data:
+        if "features" not in data.files:
+            return None
+        feats = np.asarray(data["features"])
+    if feats.ndim != 2 or feats.shape[1] != dim:
+        raise ValueError(
+            f"feature dimension mismatch: {path} holds KID reference features of shape "
+            f"{list(feats.shape)}, but the feature network has D={dim}; the reference was "
+            "computed with another feature network"
+        )
+    if not np.isfinite(feats).all():
+        raise ValueError(f"{path}: the KID reference 'features' hold NaN or infinite values")
+    return feats

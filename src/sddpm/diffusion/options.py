@@ -1,0 +1,215 @@
+"""The sampling settings as one object: validated once, written into every JSON record.
+
+:class:`SamplingOptions` is what every layer that samples passes down: :func:`sample`,
+:func:`sddpm.generation.generate_batches`, the evaluation entry points, the threshold sweep and
+the energy meter. Its fields fall in two groups:
+
+- what the images are: ``sampler``, ``steps``, ``spacing``, ``eta``, ``threshold``, ``seed``
+  and ``bf16`` (bfloat16 autocast changes the numbers a little). Two runs whose options agree
+  on these give the same images.
+- how the work runs: ``batch_size``, ``compile``, ``neuron_kernel`` and ``device``
+  (:data:`EXECUTION_FIELDS`); they change speed, not images (per-image seeds; the compiled
+  neuron kernel is bit-identical to the eager one).
+
+A new option (class labels, guidance, Analytic-DPM moments, ...) is one more field here, one
+more check in :meth:`SamplingOptions._check` and one more line where it is used; every record
+and the CLI builder carry it from then on. :func:`sample` uses the first group; batching,
+autocast, compilation and the device belong to :func:`sddpm.generation.generate_batches`, and
+the neuron kernel to ``load_for_sampling(neuron_kernel=...)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .schedule import SPACINGS
+
+__all__ = [
+    "DEFAULT_SPACING",
+    "DEFAULT_STEPS",
+    "EXECUTION_FIELDS",
+    "SAMPLERS",
+    "OptionError",
+    "SamplingOptions",
+]
+
+SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
+# The number of model calls when steps=None (DDPM: every step of the schedule).
+DEFAULT_STEPS = {"ddim": 100, "dpm-solver++": 20}
+DEFAULT_SPACING = {"ddpm": "linear", "ddim": "uniform", "dpm-solver++": "logsnr"}
+# Fields that change how fast images are made, not which images.
+EXECUTION_FIELDS = frozenset({"batch_size", "compile", "neuron_kernel", "device"})
+
+
+class OptionError(ValueError):
+    """A sampling option with a bad value; ``field`` names it (the CLI maps it to a flag)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How to sample: one validated, immutable record (see the module docstring).
+
+    Attributes:
+        sampler: ``"ddpm"`` (ancestral, published), ``"ddim"`` or ``"dpm-solver++"`` (2M).
+        steps: model calls per image; ``None``: the sampler's default (every step of the
+            schedule for DDPM, 100 for DDIM, 20 for DPM-Solver++, capped at ``T``).
+        spacing: the step grid (:func:`sddpm.diffusion.timesteps`); ``None``: the sampler's
+            default (:data:`DEFAULT_SPACING`).
+        eta: DDIM only: 0 deterministic, 1 the DDPM posterior variance.
+        threshold: threshold guidance, every spiking neuron's threshold while sampling
+            (``> 0``); ``None``: the model's own thresholds.
+        seed: image ``i`` depends only on ``(seed, i)``.
+        batch_size: images per U-Net call.
+        bf16: bfloat16 autocast of the U-Net (membranes and the sampler stay float32).
+        compile: ``torch.compile`` the U-Net.
+        neuron_kernel: how the spiking neurons run (:data:`sddpm.snn.KERNELS`).
+        device: where the images are made, a ``torch.device`` name.
+
+    Raises:
+        OptionError: (a ``ValueError``) on construction, naming the field, for any bad value.
+            ``steps`` is checked against the schedule's length by :meth:`steps_for`.
+    """
+
+    sampler: str = "ddim"
+    steps: int | None = None
+    spacing: str | None = None
+    eta: float = 0.0
+    threshold: float | None = None
+    seed: int = 0
+    batch_size: int = 64
+    bf16: bool = False
+    compile: bool = False
+    neuron_kernel: str = "eager"
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.device, torch.device):
+            object.__setattr__(self, "device", str(self.device))
+        self._check()
+
+    def _check(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise OptionError(
+                "sampler", f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}"
+            )
+        if self.steps is not None and not (_is_int(self.steps) and self.steps >= 1):
+            raise OptionError(
+                "steps", f"steps must be an integer >= 1 (or None), got {self.steps!r}"
+            )
+        if self.spacing is not None and self.spacing not in SPACINGS:
+            raise OptionError(
+                "spacing", f"unknown spacing {self.spacing!r}; choose one of {SPACINGS}"
+            )
+        if not (_is_finite(self.eta) and self.eta >= 0):
+            raise OptionError("eta", f"eta must be a finite number >= 0, got {self.eta!r}")
+        if self.eta != 0 and self.sampler != "ddim":
+            raise OptionError(
+                "eta",
+                f"eta applies to the ddim sampler only, got eta={self.eta} with {self.sampler!r}",
+            )
+        if self.threshold is not None:
+            if not _is_finite(self.threshold):
+                raise OptionError(
+                    "threshold", f"threshold must be a finite number > 0, got {self.threshold!r}"
+                )
+            if self.threshold <= 0:
+                raise OptionError("threshold", f"threshold must be > 0, got {self.threshold}")
+        if not (_is_int(self.seed) and self.seed >= 0):
+            raise OptionError("seed", f"seed must be an integer >= 0, got {self.seed!r}")
+        if not (_is_int(self.batch_size) and self.batch_size >= 1):
+            raise OptionError(
+                "batch_size", f"batch_size must be an integer >= 1, got {self.batch_size!r}"
+            )
+        for name in ("bf16", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                value = getattr(self, name)
+                raise OptionError(name, f"{name} must be True or False, got {value!r}")
+        from ..snn.fused import check_kernel  # the neurons own their kernel names
+
+        try:
+            check_kernel(self.neuron_kernel)
+        except ValueError as err:
+            raise OptionError("neuron_kernel", str(err)) from None
+        try:
+            dev = torch.device(self.device)
+        except (RuntimeError, TypeError) as err:
+            raise OptionError("device", f"{self.device!r} is not a device name ({err})") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise OptionError(
+                "device", f"device {self.device} asked for, but CUDA is not available here"
+            )
+
+    # ---------------------------------------------------------------- what the sampler runs
+
+    def steps_for(self, T: int) -> int:
+        """The model calls per image for a schedule of ``T`` steps (``steps`` must be <= T)."""
+        if self.steps is None:
+            return T if self.sampler == "ddpm" else min(DEFAULT_STEPS[self.sampler], T)
+        if self.steps > T:
+            raise OptionError(
+                "steps",
+                f"steps must be an integer in [1, {T}] (the schedule length), got {self.steps}",
+            )
+        return int(self.steps)
+
+    @property
+    def resolved_spacing(self) -> str:
+        """``spacing``, or the sampler's default grid."""
+        return DEFAULT_SPACING[self.sampler] if self.spacing is None else self.spacing
+
+    def replace(self, **changes: Any) -> SamplingOptions:
+        """A copy with ``changes`` (field names), validated again."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            names = ", ".join(f.name for f in dataclasses.fields(self))
+            raise TypeError(f"unknown sampling option(s) {unknown}; the options are {names}")
+        return dataclasses.replace(self, **changes) if changes else self
+
+    @classmethod
+    def build(cls, options: SamplingOptions | None = None, **changes: Any) -> SamplingOptions:
+        """``options`` (default: the defaults) with ``changes`` applied: what the library's
+        entry points do with their ``options=`` and keyword arguments."""
+        if options is not None and not isinstance(options, SamplingOptions):
+            raise TypeError(f"options must be a SamplingOptions, got {type(options).__name__}")
+        return (cls() if options is None else options).replace(**changes)
+
+    # ---------------------------------------------------------------- records
+
+    def to_dict(self, *, T: int | None = None) -> dict[str, Any]:
+        """Every field, JSON-ready. With the schedule length ``T``, ``steps`` and ``spacing``
+        are the resolved values (what ran), not ``None``."""
+        d = dataclasses.asdict(self)
+        if T is not None:
+            d["steps"] = self.steps_for(T)
+            d["spacing"] = self.resolved_spacing
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SamplingOptions:
+        """The options recorded by :meth:`to_dict` (other keys of a larger record are
+        ignored; missing fields take their defaults)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def image_settings(self, *, T: int | None = None) -> dict[str, Any]:
+        """The fields that define the images (all but :data:`EXECUTION_FIELDS`), as
+        :meth:`to_dict` writes them."""
+        return {k: v for k, v in self.to_dict(T=T).items() if k not in EXECUTION_FIELDS}
