@@ -10,17 +10,26 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .analytic import analytic_sample, check_moments
 from .ddim import ddim_sample
 from .ddpm import ddpm_sample
 from .dpm_solver import dpm_solver_sample
 from .loss import Model, check_prediction
-from .schedule import SPACINGS, NoiseSchedule
+from .schedule import SPACINGS, NoiseSchedule, timesteps
 from .seeding import SAMPLER_NOISE_STREAM, PerImageRandn, _as_indices, initial_noise
 
-SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
+SAMPLERS = ("ddpm", "ddim", "dpm-solver++", "dpm-solver++3m", "analytic-ddpm", "analytic-ddim")
 # The number of model calls when steps=None (DDPM: every step of the schedule).
-DEFAULT_STEPS = {"ddim": 100, "dpm-solver++": 20}
-DEFAULT_SPACING = {"ddpm": "linear", "ddim": "uniform", "dpm-solver++": "logsnr"}
+DEFAULT_STEPS = {
+    "ddim": 100, "dpm-solver++": 20, "dpm-solver++3m": 20, "analytic-ddpm": 50,
+    "analytic-ddim": 50,
+}  # fmt: skip
+DEFAULT_SPACING = {
+    "ddpm": "linear", "ddim": "uniform", "dpm-solver++": "logsnr", "dpm-solver++3m": "logsnr",
+    "analytic-ddpm": "linear", "analytic-ddim": "linear",
+}  # fmt: skip
+# Samplers that need the eps moments Gamma_t (``moments=``).
+MOMENT_SAMPLERS = ("analytic-ddpm", "analytic-ddim")
 
 __all__ = ["DEFAULT_SPACING", "DEFAULT_STEPS", "SAMPLERS", "initial_noise", "sample"]
 
@@ -39,6 +48,7 @@ def sample(
     prediction: str = "eps",
     clip_x0: bool = True,
     spacing: str | None = None,
+    moments: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Generate images from the initial noise ``x_T``.
 
@@ -47,7 +57,9 @@ def sample(
             mode first. If it has ``validate_input(x)``, that is called on ``x_T`` first.
         x_T: ``[B, C, H, W]`` initial noise, N(0, I); :func:`initial_noise` draws it with the
             same per-image seeds.
-        sampler: ``"ddpm"`` (ancestral, published), ``"ddim"`` or ``"dpm-solver++"`` (2M).
+        sampler: ``"ddpm"`` (ancestral, published), ``"ddim"``, ``"dpm-solver++"`` (2M),
+            ``"dpm-solver++3m"`` (third-order multistep) or ``"analytic-ddpm"`` /
+            ``"analytic-ddim"`` (Analytic-DPM, Bao et al. 2022: needs ``moments``).
         steps: model calls. ``None``: the sampler's natural default, every step of the
             schedule (1000) for DDPM, 100 for DDIM, 20 for DPM-Solver++ (capped at ``T``).
             Must be in ``[1, T]``; DDPM with fewer than ``T`` steps is respaced.
@@ -63,7 +75,9 @@ def sample(
         clip_x0: clip every x0 estimate (and so the result) to [-1, 1] (published behaviour).
         spacing: the step grid (see :func:`sddpm.diffusion.timesteps`); default per sampler:
             ``"linear"`` for respaced DDPM, ``"uniform"`` (published) for DDIM, ``"logsnr"``
-            for DPM-Solver++.
+            for DPM-Solver++, ``"linear"`` for Analytic-DPM.
+        moments: Analytic-DPM only: ``[T]`` ``Gamma_t = E||eps(x_t, t)||^2 / d`` from
+            :func:`sddpm.diffusion.estimate_eps_moments`, finite at every step of the grid.
 
     Returns:
         ``x_0`` ``[B, C, H, W]`` float32, in [-1, 1] when ``clip_x0``.
@@ -72,7 +86,8 @@ def sample(
         ValueError: before any model call, for an unknown sampler, prediction or spacing,
             ``steps`` outside ``[1, T]``, ``threshold <= 0``, ``eta`` < 0 or given to a sampler
             other than DDIM, an ``x_T`` that is not a 4-D floating tensor or that the model
-            rejects, or ``indices`` that do not match the batch.
+            rejects, ``indices`` that do not match the batch, or (Analytic-DPM) missing
+            ``moments`` or NaN moments at a step of the grid.
     """
     # ---- validate everything before any work
     if sampler not in SAMPLERS:
@@ -97,6 +112,10 @@ def sample(
         raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
     if eta != 0 and sampler != "ddim":
         raise ValueError(f"eta applies to the ddim sampler only, got eta={eta} with {sampler!r}")
+    if sampler in MOMENT_SAMPLERS:
+        moments = check_moments(moments, schedule, timesteps(schedule, n, spacing))
+    elif moments is not None:
+        raise ValueError(f"moments apply to {' and '.join(MOMENT_SAMPLERS)} only, not {sampler!r}")
     if threshold is not None:
         if not (isinstance(threshold, numbers.Real) and math.isfinite(threshold)):
             raise ValueError(f"threshold must be a finite number > 0, got {threshold!r}")
@@ -137,10 +156,17 @@ def sample(
                 prediction=prediction, clip_x0=clip_x0, randn_like=noise.randn_like,
                 progress=progress,
             )  # fmt: skip
+        elif sampler in MOMENT_SAMPLERS:
+            noise = PerImageRandn(idx, int(seed), SAMPLER_NOISE_STREAM, x.device)
+            out = analytic_sample(
+                model, x, schedule, moments, steps=n, variant=sampler.removeprefix("analytic-"),
+                spacing=spacing, prediction=prediction, clip_x0=clip_x0,
+                randn_like=noise.randn_like, progress=progress,
+            )  # fmt: skip
         else:
             out = dpm_solver_sample(
                 model, x, schedule, steps=n, spacing=spacing, prediction=prediction,
-                clip_x0=clip_x0, progress=progress,
+                order=3 if sampler == "dpm-solver++3m" else 2, clip_x0=clip_x0, progress=progress,
             )  # fmt: skip
     # An inference tensor cannot enter autograd later; a clone made outside the mode can.
     return out.clone()
