@@ -1,8 +1,14 @@
-"""Published SDDPM checkpoints (github.com/AndyCao1125/SDDPM) to and from our models.
+"""Published SDDPM and SDM checkpoints to and from our models.
 
-The published ``Spk_UNet`` keeps its blocks in flat lists with names of its own; ours name
-what each part is. The renaming is a fixed table of prefix rules, applied in either direction,
-so :func:`from_published` and :func:`to_published` are exact inverses.
+The published ``Spk_UNet`` (github.com/AndyCao1125/SDDPM) keeps its blocks in flat lists with
+names of its own; ours name what each part is. The renaming is a fixed table of prefix rules,
+applied in either direction, so :func:`from_published` and :func:`to_published` are exact
+inverses.
+
+SDM's ``Spk_UNet_TSM`` (github.com/AndyCao1125/SDM, ``TSM.py``) has the same layout with every
+conv but ``T_output_layer`` wrapped in a ``TSMConv2d``: its weights under ``X.tsmconv.weight``
+/ ``X.tsmconv.bias`` and its per-step scales under ``X.tsmp`` (shape ``[S, 1, 1, 1, 1]``); ours
+are ``X'.weight``, ``X'.bias`` and ``X'.step_scale`` (shape ``[S]``), ``X'`` our name of ``X``.
 """
 
 from __future__ import annotations
@@ -63,26 +69,66 @@ def _rename(name: str, rules, block_rules: list[tuple[str, str]]) -> str:
     raise KeyError(name)
 
 
-def published_name(ours: str) -> str:
-    """Our parameter/buffer name -> the published ``Spk_UNet`` name."""
+_SCALE = "step_scale"  # our TSM scale, after the conv's name
+_TSM_CONV, _TSM_SCALE = "tsmconv.", "tsmp"  # SDM's: "X.tsmconv.weight", "X.tsmp"
+
+
+def published_name(ours: str, tsm: bool = False) -> str:
+    """Our parameter/buffer name -> the published ``Spk_UNet`` name, or with ``tsm=True`` (for
+    the weight and bias of a TSM conv) the SDM ``Spk_UNet_TSM`` name. A TSM scale
+    (``X.step_scale``) always maps to SDM's ``X.tsmp``."""
     try:
-        return _rename(ours, _OURS, _BLOCK_RULES)
+        if ours.endswith("." + _SCALE):
+            conv = _rename(ours.removesuffix(_SCALE) + "weight", _OURS, _BLOCK_RULES)
+            return conv.removesuffix("weight") + _TSM_SCALE
+        name = _rename(ours, _OURS, _BLOCK_RULES)
     except KeyError:
         raise KeyError(f"{ours!r} is not a name of an sddpm U-Net") from None
+    if tsm:
+        prefix, _, leaf = name.rpartition(".")
+        return f"{prefix}.{_TSM_CONV}{leaf}"
+    return name
 
 
 def our_name(published: str) -> str:
-    """A published ``Spk_UNet`` name -> ours."""
+    """A published ``Spk_UNet`` (SDDPM) or ``Spk_UNet_TSM`` (SDM) name -> ours."""
+    name = published.replace("." + _TSM_CONV, ".")
+    if name.endswith("." + _TSM_SCALE):
+        name = name.removesuffix(_TSM_SCALE) + "weight"
+        scale = True
+    else:
+        scale = False
     try:
-        return _rename(published, _THEIRS, [(b, a) for a, b in _BLOCK_RULES])
+        ours = _rename(name, _THEIRS, [(b, a) for a, b in _BLOCK_RULES])
     except KeyError:
         raise KeyError(f"{published!r} is not a name of the published Spk_UNet") from None
+    return ours.removesuffix("weight") + _SCALE if scale else ours
+
+
+def _tsm_convs(names) -> set[str]:
+    """Prefixes ``X.`` of our TSM convs: those with an ``X.step_scale`` among ``names``."""
+    return {k.removesuffix(_SCALE) for k in names if k.endswith("." + _SCALE)}
 
 
 def to_published(state: Mapping[str, Any]) -> dict[str, Any]:
     """Map any ``name -> value`` mapping of ours (parameters, gradients, buffers) to published
-    names, keeping the values."""
-    return {published_name(k): v for k, v in state.items()}
+    names, keeping the values. A TSM model (it has ``*.step_scale`` entries) maps to SDM's
+    ``Spk_UNet_TSM`` names, its scales (tensors ``[S]``) viewed as SDM's ``[S, 1, 1, 1, 1]``."""
+    tsm = _tsm_convs(state)
+    out = {}
+    for k, v in state.items():
+        name = published_name(k, tsm=k.rpartition(".")[0] + "." in tsm)
+        if k.endswith("." + _SCALE) and isinstance(v, torch.Tensor):
+            v = v.reshape(-1, 1, 1, 1, 1)
+        out[name] = v
+    return out
+
+
+def _from_published_values(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Published name -> value to ours (SDM's ``[S, 1, 1, 1, 1]`` scales become ``[S]``)."""
+    return {
+        our_name(k): v.reshape(-1) if k.endswith("." + _TSM_SCALE) else v for k, v in state.items()
+    }
 
 
 def config_from_published(config: Mapping[str, Any], image_size: int = 32) -> UNetConfig:
@@ -116,17 +162,22 @@ def from_published(
     """A published state_dict (``net_model`` or ``ema_model`` entry) -> our spiking U-Net.
 
     ``config`` holds the published ``Spk_UNet`` arguments (or is a :class:`UNetConfig`). A
-    ``module.`` prefix (DataParallel) is stripped. Missing, unexpected or mis-shaped keys raise
-    ``ValueError`` listing the first few of each. Returned in eval mode.
+    ``module.`` prefix (DataParallel) is stripped. An SDM ``Spk_UNet_TSM`` state_dict (it has
+    ``*.tsmp`` keys) gives a TSM model (``tsm=True``), a plain one ``tsm=False``, whatever
+    ``config`` says. Missing, unexpected or mis-shaped keys raise ``ValueError`` listing the
+    first few of each. Returned in eval mode.
     """
     cfg = config if isinstance(config, UNetConfig) else config_from_published(config, image_size)
-    model = build_model(cfg)
     state = {k.removeprefix("module."): v for k, v in state_dict.items()}
-    expected = {published_name(k): v.shape for k, v in model.state_dict().items()}
+    tsm = any(k.endswith("." + _TSM_SCALE) for k in state)
+    cfg = cfg.replace(tsm=tsm)
+    model = build_model(cfg)
+    expected = {k: v.shape for k, v in to_published(model.state_dict()).items()}
     problem = state_dict_mismatch(expected, state)
     if problem:
-        raise ValueError(f"the checkpoint does not fit the published Spk_UNet {cfg}: {problem}")
-    model.load_state_dict({our_name(k): v for k, v in state.items()})
+        kind = "SDM Spk_UNet_TSM" if tsm else "published Spk_UNet"
+        raise ValueError(f"the checkpoint does not fit the {kind} {cfg}: {problem}")
+    model.load_state_dict(_from_published_values(state))
     return model.eval()
 
 

@@ -189,3 +189,75 @@ def test_v_prediction_gives_the_same_samples(sampler, kwargs):
     eps = sample(GaussianEps(SCHEDULE, MU, S), x_T, sampler, seed=4, **kwargs)
     v = sample(GaussianEps(SCHEDULE, MU, S, "v"), x_T, sampler, seed=4, prediction="v", **kwargs)
     torch.testing.assert_close(v, eps, atol=1e-4, rtol=0)
+
+
+def test_dpm_solver_3m_step_is_exact_for_data_quadratic_in_log_snr():
+    """A (3M) step integrates sigma e^lambda x0(lambda) exactly when x0 is quadratic in lambda
+    (here a 'model' whose data estimate is c0 + c1 lambda + c2 lambda^2, whatever x is): the
+    exact step is (sigma_n / sigma_t) x + sigma_n int_{lambda_t}^{lambda_n} e^l x0(l) dl."""
+    from scipy.integrate import quad
+
+    from sddpm.diffusion import dpm_solver_pp_step
+
+    lam = lambda t: 0.5 * float(SCHEDULE.log_snr[t])  # noqa: E731
+    x0 = lambda u: 0.3 - 0.2 * u + 0.05 * u * u  # noqa: E731
+    t_prev2, t_prev, t, t_next = 700, 560, 430, 250  # uneven steps in lambda
+    d = {s: torch.tensor([x0(lam(s))], dtype=torch.float64) for s in (t_prev2, t_prev, t)}
+    x = torch.tensor([0.7], dtype=torch.float64)
+    sig = lambda s: math.sqrt(1 - float(SCHEDULE.alphas_cumprod[s]))  # noqa: E731
+    integral = quad(lambda u: math.exp(u) * x0(u), lam(t), lam(t_next), epsabs=1e-14)[0]
+    exact = sig(t_next) / sig(t) * 0.7 + sig(t_next) * integral
+    step3 = dpm_solver_pp_step(
+        x, d[t], d[t_prev], t, t_next, t_prev, SCHEDULE, d_prev2=d[t_prev2], t_prev2=t_prev2
+    )
+    assert step3.item() == pytest.approx(exact, abs=1e-12)
+    step2 = dpm_solver_pp_step(x, d[t], d[t_prev], t, t_next, t_prev, SCHEDULE)
+    assert abs(step2.item() - exact) > 1e-4  # the second-order step is not exact here
+
+
+def test_dpm_solver_3m_converges_faster_than_2m():
+    """Exact relative error in s (unclipped, x_T ~ N(0, 1)) for N(0.1, 0.3^2), measured:
+
+    =====  ==================  ==================
+    steps  DPM-Solver++(2M)    DPM-Solver++(3M)
+    =====  ==================  ==================
+    5      -23.3 %             +18.1 %
+    10     +2.62 %             +11.5 %
+    15     +2.22 %             +0.86 %
+    20     +1.45 %             +0.081 %
+    30     +0.63 %             +0.011 %
+    50     +0.18 %             -0.044 %
+    100    +0.003 %            -0.058 %
+    =====  ==================  ==================
+
+    3M is of higher order (error 15 -> 30 steps: / 78 against / 3.5 for 2M) and far more
+    accurate from 15 to 30 steps; at 10 steps or fewer (steps of ~1 in lambda) its quadratic
+    extrapolation overshoots and 2M is better on this case; from ~50 steps both are within
+    0.2 % (3M levels off at ~0.05 %, the integer grid's uneven last steps near t = 0)."""
+    model = GaussianEps(SCHEDULE, MU, S)
+
+    def err(order, n):
+        mean, s = exact_affine(
+            lambda m, x: dpm_solver_sample(m, x, SCHEDULE, steps=n, order=order, clip_x0=False),
+            model,
+        )
+        assert abs(mean - MU) < 1e-3
+        return abs(s / S - 1)
+
+    e2 = {n: err(2, n) for n in (15, 20, 30)}
+    e3 = {n: err(3, n) for n in (15, 20, 30)}
+    assert e3[15] < e2[15] and e3[20] < e2[20] / 10 and e3[30] < e2[30] / 30
+    assert e3[20] < 0.002
+    order = lambda e: math.log(e[15] / e[30]) / math.log(2)  # noqa: E731
+    assert order(e2) < 2.2 and order(e3) > 4  # measured 1.8 and 6.3
+    with pytest.raises(ValueError, match="order must be 1, 2 or 3"):
+        dpm_solver_sample(model, X_T[:1], SCHEDULE, steps=5, order=4)
+
+
+def test_dpm_solver_3m_sampler_20_steps_sampled():
+    """sample(..., "dpm-solver++3m"): 20 model calls, x0 clipped, on real noise; s and the mean
+    within 5 standard errors. Measured: s +0.05 %, mean +3e-4."""
+    model = GaussianEps(SCHEDULE, MU, S)
+    y = sample(model, X_T, "dpm-solver++3m").double()
+    assert model.calls == 20
+    assert_moments(y, MU, S)

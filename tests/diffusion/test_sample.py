@@ -237,6 +237,7 @@ def test_options_validate_once_and_name_the_field():
         "compile": {"compile": 1},
         "neuron_kernel": {"neuron_kernel": "cuda"},
         "device": {"device": "bogus"},
+        "moments": {"sampler": "ddim", "moments": torch.ones(1000)},
     }
     assert set(cases) == {f.name for f in dataclasses.fields(SamplingOptions)}
     for field, kwargs in cases.items():
@@ -254,8 +255,8 @@ def test_options_records_round_trip():
     d = opts.to_dict()
     assert d == {
         "sampler": "ddpm", "steps": None, "spacing": None, "eta": 0.0, "threshold": 1.01,
-        "seed": 4, "batch_size": 8, "bf16": True, "compile": False, "neuron_kernel": "eager",
-        "device": "cpu",
+        "seed": 4, "batch_size": 8, "bf16": True, "compile": False, "neuron_kernel": "auto",
+        "device": "cpu", "moments": None,
     }  # fmt: skip
     assert SamplingOptions.from_dict({**d, "num_images": 10}) == opts
     resolved = opts.to_dict(T=50)
@@ -263,3 +264,10 @@ def test_options_records_round_trip():
     assert SamplingOptions(sampler="dpm-solver++").to_dict(T=1000)["steps"] == 20
     assert set(opts.image_settings()) == set(d) - set(EXECUTION_FIELDS)
     assert SamplingOptions(device=torch.device("cpu")).device == "cpu"
+    # A moments tensor is recorded by its fingerprint, which another tensor does not share.
+    gamma = torch.linspace(0.5, 1.0, 1000, dtype=torch.float64)
+    rec = SamplingOptions(sampler="analytic-ddpm", moments=gamma).to_dict()
+    assert rec["moments"].startswith("sha256:") and len(rec["moments"]) == 23
+    other = SamplingOptions(sampler="analytic-ddpm", moments=gamma * 1.001).to_dict()
+    assert other["moments"] != rec["moments"]
+    assert SamplingOptions.from_dict(rec).moments is None  # records hold no tensors

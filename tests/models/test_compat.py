@@ -1,6 +1,7 @@
 """Published checkpoints: name mapping, bad checkpoints, the convert command."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,3 +110,47 @@ def test_convert_command(tmp_path, reference):
     assert result.exit_code != 0
     assert "mis-shaped keys" in result.output
     assert not bad_out.exists()
+
+
+def test_convert_command_reads_an_sdm_tsm_checkpoint(tmp_path):
+    """`sddpm convert` on an SDM Spk_UNet_TSM checkpoint: TSM detected from the keys (no flag),
+    saved with tsm=True, and the converted model reproduces SDM's output."""
+    from safetensors import safe_open
+    from typer.testing import CliRunner
+
+    from sddpm.cli import app
+
+    path = Path(__file__).parents[1] / "data" / "sdm-tsm-small-gray.safetensors"
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    pt = tmp_path / "sdm.pt"
+    torch.save({"net_model": state, "ema_model": state}, pt)
+    out = tmp_path / "converted"
+    args = ["convert", str(pt), "--out", str(out), "--ch", "32", "--ch-mult", "1,2",
+            "--num-res-blocks", "1", "--img-ch", "1", "--img-size", "16"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    model = load_pretrained(out)
+    assert model.config.tsm
+    assert json.loads((out / "config.json").read_text())["model"]["tsm"] is True
+    weights = load_file(str(out / "model.safetensors"))
+    assert torch.equal(weights["stem.conv.step_scale"], state["conv.tsmp"].flatten())
+    with torch.no_grad():
+        y = model(tensors["input.x"], tensors["input.t"])
+    assert (y - tensors["output.eval"]).abs().max() < 1e-5
+    # a TSM checkpoint whose scales do not fit the SNN steps: named, nothing written
+    bad = tmp_path / "bad"
+    result = CliRunner().invoke(app, [*args[:3], str(bad), *args[4:], "--timestep", "2"])
+    assert result.exit_code != 0
+    assert "SDM Spk_UNet_TSM" in result.output and "conv.tsmp" in result.output
+    assert not bad.exists()
+
+
+def test_tsm_names_map_both_ways():
+    assert published_name("stem.conv.step_scale") == "conv.tsmp"
+    name = published_name("encoder.2.skip.weight", tsm=True)
+    assert name == "downblocks.2.shortcut.tsmconv.weight"
+    assert our_name("upblocks.3.shortcut.tsmp") == "decoder.3.skip.step_scale"
+    assert our_name("conv_identity.tsmconv.bias") == "stem.conv2.bias"
+    assert our_name("T_output_layer.weight") == "head.temporal_conv.weight"

@@ -4,6 +4,13 @@ Every sampler calls any ``model(x_t [B,C,H,W] float32, t [B] int64) -> eps`` (or
 :func:`sample` is the entry point.
 """
 
+from .analytic import (
+    ANALYTIC_VARIANTS,
+    analytic_sample,
+    estimate_eps_moments,
+    load_moments,
+    save_moments,
+)
 from .ddim import ddim_sample, ddim_step
 from .ddpm import ddpm_sample, ddpm_step_mean_logvar
 from .dpm_solver import dpm_solver_pp_step, dpm_solver_sample
@@ -23,6 +30,7 @@ from .schedule import SCHEDULE_KINDS, SPACINGS, NoiseSchedule, timesteps
 from .seeding import PerImageRandn, image_seed, initial_noise
 
 __all__ = [
+    "ANALYTIC_VARIANTS",
     "DEFAULT_SPACING",
     "DEFAULT_STEPS",
     "EXECUTION_FIELDS",
@@ -34,6 +42,7 @@ __all__ = [
     "SCHEDULE_KINDS",
     "SPACINGS",
     "SamplingOptions",
+    "analytic_sample",
     "ddim_sample",
     "ddim_step",
     "ddpm_sample",
@@ -41,13 +50,16 @@ __all__ = [
     "dpm_solver_pp_step",
     "dpm_solver_sample",
     "draw_t_and_noise",
+    "estimate_eps_moments",
     "image_seed",
     "initial_noise",
+    "load_moments",
     "loss_map",
     "output_to_eps",
     "output_to_x0",
     "q_sample",
     "sample",
+    "save_moments",
     "timesteps",
     "training_loss",
     "v_target",

@@ -34,15 +34,24 @@ __all__ = [
     "DEFAULT_SPACING",
     "DEFAULT_STEPS",
     "EXECUTION_FIELDS",
+    "MOMENT_SAMPLERS",
     "SAMPLERS",
     "OptionError",
     "SamplingOptions",
 ]
 
-SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
+SAMPLERS = ("ddpm", "ddim", "dpm-solver++", "dpm-solver++3m", "analytic-ddpm", "analytic-ddim")
 # The number of model calls when steps=None (DDPM: every step of the schedule).
-DEFAULT_STEPS = {"ddim": 100, "dpm-solver++": 20}
-DEFAULT_SPACING = {"ddpm": "linear", "ddim": "uniform", "dpm-solver++": "logsnr"}
+DEFAULT_STEPS = {
+    "ddim": 100, "dpm-solver++": 20, "dpm-solver++3m": 20, "analytic-ddpm": 50,
+    "analytic-ddim": 50,
+}  # fmt: skip
+DEFAULT_SPACING = {
+    "ddpm": "linear", "ddim": "uniform", "dpm-solver++": "logsnr", "dpm-solver++3m": "logsnr",
+    "analytic-ddpm": "linear", "analytic-ddim": "linear",
+}  # fmt: skip
+# Samplers that need the eps moments Gamma_t (``moments``).
+MOMENT_SAMPLERS = ("analytic-ddpm", "analytic-ddim")
 # Fields that change how fast images are made, not which images.
 EXECUTION_FIELDS = frozenset({"batch_size", "compile", "neuron_kernel", "device"})
 
@@ -68,7 +77,9 @@ class SamplingOptions:
     """How to sample: one validated, immutable record (see the module docstring).
 
     Attributes:
-        sampler: ``"ddpm"`` (ancestral, published), ``"ddim"`` or ``"dpm-solver++"`` (2M).
+        sampler: ``"ddpm"`` (ancestral, published), ``"ddim"``, ``"dpm-solver++"`` (2M),
+            ``"dpm-solver++3m"`` (3M) or ``"analytic-ddpm"`` / ``"analytic-ddim"``
+            (Analytic-DPM, which needs ``moments``).
         steps: model calls per image; ``None``: the sampler's default (every step of the
             schedule for DDPM, 100 for DDIM, 20 for DPM-Solver++, capped at ``T``).
         spacing: the step grid (:func:`sddpm.diffusion.timesteps`); ``None``: the sampler's
@@ -82,6 +93,8 @@ class SamplingOptions:
         compile: ``torch.compile`` the U-Net.
         neuron_kernel: how the spiking neurons run (:data:`sddpm.snn.KERNELS`).
         device: where the images are made, a ``torch.device`` name.
+        moments: Analytic-DPM only: ``[T]`` ``Gamma_t = E||eps(x_t, t)||^2 / d``
+            (:func:`sddpm.diffusion.estimate_eps_moments`); records carry its fingerprint.
 
     Raises:
         OptionError: (a ``ValueError``) on construction, naming the field, for any bad value.
@@ -97,8 +110,9 @@ class SamplingOptions:
     batch_size: int = 64
     bf16: bool = False
     compile: bool = False
-    neuron_kernel: str = "eager"
+    neuron_kernel: str = "auto"
     device: str = "cpu"
+    moments: torch.Tensor | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.device, torch.device):
@@ -142,6 +156,16 @@ class SamplingOptions:
             if not isinstance(getattr(self, name), bool):
                 value = getattr(self, name)
                 raise OptionError(name, f"{name} must be True or False, got {value!r}")
+        if self.moments is not None:
+            if self.sampler not in MOMENT_SAMPLERS:
+                raise OptionError(
+                    "moments",
+                    f"moments apply to {' and '.join(MOMENT_SAMPLERS)} only, not {self.sampler!r}",
+                )
+            if not isinstance(self.moments, torch.Tensor) or self.moments.dim() != 1:
+                raise OptionError(
+                    "moments", "moments must be a 1-D tensor [T] (estimate_eps_moments' result)"
+                )
         from ..snn.fused import check_kernel  # the neurons own their kernel names
 
         try:
@@ -196,7 +220,8 @@ class SamplingOptions:
     def to_dict(self, *, T: int | None = None) -> dict[str, Any]:
         """Every field, JSON-ready. With the schedule length ``T``, ``steps`` and ``spacing``
         are the resolved values (what ran), not ``None``."""
-        d = dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["moments"] = None if self.moments is None else moments_fingerprint(self.moments)
         if T is not None:
             d["steps"] = self.steps_for(T)
             d["spacing"] = self.resolved_spacing
@@ -207,9 +232,21 @@ class SamplingOptions:
         """The options recorded by :meth:`to_dict` (other keys of a larger record are
         ignored; missing fields take their defaults)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        values = {k: v for k, v in data.items() if k in names}
+        if not isinstance(values.get("moments"), torch.Tensor):
+            values.pop("moments", None)  # a record holds only the fingerprint
+        return cls(**values)
 
     def image_settings(self, *, T: int | None = None) -> dict[str, Any]:
         """The fields that define the images (all but :data:`EXECUTION_FIELDS`), as
         :meth:`to_dict` writes them."""
         return {k: v for k, v in self.to_dict(T=T).items() if k not in EXECUTION_FIELDS}
+
+
+def moments_fingerprint(moments: torch.Tensor) -> str:
+    """A short, stable name of a moments tensor for records: ``sha256:`` and 16 hex digits of
+    its float64 bytes."""
+    import hashlib
+
+    data = moments.detach().to("cpu", torch.float64).contiguous().numpy().tobytes()
+    return "sha256:" + hashlib.sha256(data).hexdigest()[:16]

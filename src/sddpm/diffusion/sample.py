@@ -8,18 +8,21 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .analytic import analytic_sample, check_moments
 from .ddim import ddim_sample
 from .ddpm import ddpm_sample
 from .dpm_solver import dpm_solver_sample
 from .loss import Model, check_prediction
-from .options import DEFAULT_SPACING, DEFAULT_STEPS, SAMPLERS, SamplingOptions
-from .schedule import NoiseSchedule
+from .options import DEFAULT_SPACING, DEFAULT_STEPS, MOMENT_SAMPLERS, SAMPLERS, SamplingOptions
+from .schedule import NoiseSchedule, timesteps
 from .seeding import SAMPLER_NOISE_STREAM, PerImageRandn, _as_indices, initial_noise
 
 __all__ = ["DEFAULT_SPACING", "DEFAULT_STEPS", "SAMPLERS", "initial_noise", "sample"]
 
 # sample()'s own defaults for the settings that options= may carry instead.
-_KEYWORD_DEFAULTS = dict(sampler="ddpm", steps=None, spacing=None, eta=0.0, threshold=None, seed=0)
+_KEYWORD_DEFAULTS = dict(
+    sampler="ddpm", steps=None, spacing=None, eta=0.0, threshold=None, seed=0, moments=None
+)
 
 
 def sample(
@@ -36,6 +39,7 @@ def sample(
     prediction: str = "eps",
     clip_x0: bool = True,
     spacing: str | None = None,
+    moments: torch.Tensor | None = None,
     *,
     options: SamplingOptions | None = None,
 ) -> torch.Tensor:
@@ -46,7 +50,9 @@ def sample(
             mode first. If it has ``validate_input(x)``, that is called on ``x_T`` first.
         x_T: ``[B, C, H, W]`` initial noise, N(0, I); :func:`initial_noise` draws it with the
             same per-image seeds.
-        sampler: ``"ddpm"`` (ancestral, published), ``"ddim"`` or ``"dpm-solver++"`` (2M).
+        sampler: ``"ddpm"`` (ancestral, published), ``"ddim"``, ``"dpm-solver++"`` (2M),
+            ``"dpm-solver++3m"`` (third-order multistep) or ``"analytic-ddpm"`` /
+            ``"analytic-ddim"`` (Analytic-DPM, Bao et al. 2022: needs ``moments``).
         steps: model calls. ``None``: the sampler's natural default, every step of the
             schedule (1000) for DDPM, 100 for DDIM, 20 for DPM-Solver++ (capped at ``T``).
             Must be in ``[1, T]``; DDPM with fewer than ``T`` steps is respaced.
@@ -62,11 +68,13 @@ def sample(
         clip_x0: clip every x0 estimate (and so the result) to [-1, 1] (published behaviour).
         spacing: the step grid (see :func:`sddpm.diffusion.timesteps`); default per sampler:
             ``"linear"`` for respaced DDPM, ``"uniform"`` (published) for DDIM, ``"logsnr"``
-            for DPM-Solver++.
+            for DPM-Solver++, ``"linear"`` for Analytic-DPM.
+        moments: Analytic-DPM only: ``[T]`` ``Gamma_t = E||eps(x_t, t)||^2 / d`` from
+            :func:`sddpm.diffusion.estimate_eps_moments`, finite at every step of the grid.
         options: the same settings (``sampler``, ``steps``, ``spacing``, ``eta``,
-            ``threshold``, ``seed``) as one :class:`SamplingOptions`, instead of the keywords;
-            its batching, autocast, compile, kernel and device fields are not used here (see
-            :func:`sddpm.generation.generate_batches`).
+            ``threshold``, ``seed``, ``moments``) as one :class:`SamplingOptions`, instead of
+            the keywords; its batching, autocast, compile, kernel and device fields are not
+            used here (see :func:`sddpm.generation.generate_batches`).
 
     Returns:
         ``x_0`` ``[B, C, H, W]`` float32, in [-1, 1] when ``clip_x0``.
@@ -75,13 +83,15 @@ def sample(
         ValueError: before any model call, for an unknown sampler, prediction or spacing,
             ``steps`` outside ``[1, T]``, ``threshold <= 0``, ``eta`` < 0 or given to a sampler
             other than DDIM, an ``x_T`` that is not a 4-D floating tensor or that the model
-            rejects, ``indices`` that do not match the batch, or keywords together with
-            ``options``.
+            rejects, ``indices`` that do not match the batch, keywords together with
+            ``options``, or (Analytic-DPM) missing ``moments`` or NaN moments at a step of
+            the grid.
     """
     # ---- validate everything before any work
     keywords = dict(
-        sampler=sampler, steps=steps, spacing=spacing, eta=eta, threshold=threshold, seed=seed
-    )
+        sampler=sampler, steps=steps, spacing=spacing, eta=eta, threshold=threshold, seed=seed,
+        moments=moments,
+    )  # fmt: skip
     if options is None:
         options = SamplingOptions(**keywords)
     elif not isinstance(options, SamplingOptions):
@@ -97,6 +107,9 @@ def sample(
     sampler, eta, threshold, seed = options.sampler, options.eta, options.threshold, options.seed
     if threshold is not None and not isinstance(model, nn.Module):
         raise ValueError("threshold guidance needs a torch.nn.Module with spiking neurons")
+    moments = options.moments
+    if sampler in MOMENT_SAMPLERS:
+        moments = check_moments(moments, schedule, timesteps(schedule, n, spacing))
     if not isinstance(x_T, torch.Tensor) or x_T.dim() != 4:
         shape = tuple(x_T.shape) if isinstance(x_T, torch.Tensor) else type(x_T).__name__
         raise ValueError(f"x_T must be a 4-D tensor [B, C, H, W], got {shape}")
@@ -128,10 +141,17 @@ def sample(
                 prediction=prediction, clip_x0=clip_x0, randn_like=noise.randn_like,
                 progress=progress,
             )  # fmt: skip
+        elif sampler in MOMENT_SAMPLERS:
+            noise = PerImageRandn(idx, int(seed), SAMPLER_NOISE_STREAM, x.device)
+            out = analytic_sample(
+                model, x, schedule, moments, steps=n, variant=sampler.removeprefix("analytic-"),
+                spacing=spacing, prediction=prediction, clip_x0=clip_x0,
+                randn_like=noise.randn_like, progress=progress,
+            )  # fmt: skip
         else:
             out = dpm_solver_sample(
                 model, x, schedule, steps=n, spacing=spacing, prediction=prediction,
-                clip_x0=clip_x0, progress=progress,
+                order=3 if sampler == "dpm-solver++3m" else 2, clip_x0=clip_x0, progress=progress,
             )  # fmt: skip
     # An inference tensor cannot enter autograd later; a clone made outside the mode can.
     return out.clone()

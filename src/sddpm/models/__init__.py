@@ -4,6 +4,7 @@ from .checkpoint import find_model_dir, load_pretrained, read_config, save_pretr
 from .config import NeuronConfig, UNetConfig
 from .inference import fold_batchnorm
 from .presets import PRESETS, preset
+from .tsm import tsm_scale_layers
 from .unet import ANNUNet, SpikingUNet, UNet, build_model, count_parameters
 
 __all__ = [
@@ -21,4 +22,5 @@ __all__ = [
     "load_pretrained",
     "preset",
     "save_pretrained",
+    "tsm_scale_layers",
 ]

@@ -45,6 +45,7 @@ class UNetConfig:
     ann_activation: str = "silu"
     output_decay: float = 0.8  # output = sum_i output_decay^(S-1-i) * h_i
     neuron: NeuronConfig = field(default_factory=NeuronConfig)
+    tsm: bool = False  # SDM's temporal-wise spiking mechanism (per-step conv output scales)
 
     def __post_init__(self) -> None:
         if isinstance(self.channel_mult, list):
@@ -69,6 +70,13 @@ class UNetConfig:
             problems.append(
                 f"image_size {self.image_size} must be a multiple of {self.size_multiple} "
                 f"(the U-Net halves it {len(self.channel_mult) - 1} times)"
+            )
+        if not isinstance(self.tsm, bool):
+            problems.append(f"tsm must be true or false, got {self.tsm!r}")
+        elif self.tsm and self.kind != "spiking":
+            problems.append(
+                "tsm=True needs kind='spiking': TSM scales each SNN step, and the ANN twin has a "
+                "single step (set tsm=False for the ANN twin)"
             )
         if problems:
             raise ValueError("invalid UNetConfig: " + "; ".join(problems))

@@ -4,6 +4,7 @@ In eval mode a BatchNorm after a conv is a per-channel affine map, so it can be 
 the conv's weights and bias: ``bn(conv(x)) = conv'(x)`` with
 ``W' = W * g / sqrt(var + eps)`` and ``b' = (b - mean) * g / sqrt(var + eps) + beta``. The
 network computes the same function (up to float rounding) with fewer passes over memory.
+A TSM conv (SDM) folds with its per-step scales kept: see :mod:`sddpm.models.tsm`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import copy
 import torch
 from torch import nn
 
+from .tsm import TSM_CONVS, fold_bn_into_tsm_conv
 from .unet import Downsample, Head, ResBlock, Stem, UNet, Upsample
 
 
@@ -42,7 +44,9 @@ def fold_batchnorm(model: UNet) -> UNet:
         elif isinstance(m, Head):
             pairs += [(m, "temporal_conv", "temporal_bn")]
     for module, conv_name, bn_name in pairs:
-        fold_conv_bn(getattr(module, conv_name), getattr(module, bn_name))
+        conv = getattr(module, conv_name)
+        fold = fold_bn_into_tsm_conv if isinstance(conv, TSM_CONVS) else fold_conv_bn
+        fold(conv, getattr(module, bn_name))
         setattr(module, bn_name, nn.Identity())
     for p in folded.parameters():
         p.requires_grad_(False)

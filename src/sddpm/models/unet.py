@@ -20,6 +20,7 @@ from torch import nn
 
 from ..snn import SpikeConv2d, SpikingNeuron, Surrogate
 from .config import UNetConfig
+from .tsm import TSM_CONVS, add_step_scales
 
 
 def _fold(x: torch.Tensor) -> torch.Tensor:
@@ -105,7 +106,12 @@ class Stem(nn.Module):
 
         The published model repeats the image S times before the first conv; every copy gives
         the same conv output and the same BatchNorm batch statistics, so conv and BatchNorm run
-        once and the result is broadcast over the S steps."""
+        once and the result is broadcast over the S steps. A TSM conv (SDM) also runs once; its
+        per-step scales make the S maps differ, so BatchNorm then sees all S*B of them."""
+        if isinstance(self.conv, TSM_CONVS):
+            h = self.conv.forward_repeated(x)
+            h = _unfold(self.bn(_fold(h)), steps)
+            return _conv_bn(self.conv2, self.bn2, self.neuron(h))
         y = self.conv(x)
         if self.training and isinstance(self.bn, nn.BatchNorm2d):
             y = _batch_norm_repeated(self.bn, y, steps)
@@ -246,6 +252,8 @@ class UNet(nn.Module):
         assert not skip_channels
 
         self.head = Head(now, c.image_channels, c.output_decay)
+        if c.tsm:
+            add_step_scales(self, c.snn_timesteps)
 
     def _neuron_factory(self):
         c = self.config

@@ -1,0 +1,102 @@
+"""``sddpm eps-moments`` on a tiny saved model and a tiny image folder."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from sddpm.cli import app
+from sddpm.data import build_dataset
+from sddpm.diffusion import (
+    NoiseSchedule,
+    estimate_eps_moments,
+    initial_noise,
+    load_moments,
+    sample,
+    timesteps,
+)
+from sddpm.generation import load_for_sampling
+from sddpm.models import UNetConfig, build_model, fold_batchnorm, save_pretrained
+
+SCHEDULE = {"kind": "linear", "T": 20, "beta_1": 1e-3, "beta_T": 0.2}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), "L").save(root / f"{i}.png")
+    return root
+
+
+def save_model(path, data=None):
+    cfg = UNetConfig(image_channels=1, image_size=8, channels=8, channel_mult=(1, 2),
+                     num_res_blocks=1, diffusion_steps=20, snn_timesteps=2)  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.train()(torch.randn(8, 1, 8, 8), torch.randint(0, 20, (8,)))  # BN running stats
+    extra = {"diffusion": {"schedule": SCHEDULE, "prediction": "eps"}}
+    if data is not None:  # as training writes it: the run's config, its data settings inside
+        extra["run"] = {"step": 1, "config": {"data": data}}
+    save_pretrained(model.eval(), path, extra=extra)
+    return path
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, ["eps-moments", *map(str, args)])
+
+
+def test_eps_moments_of_a_run_checkpoint(tmp_path, folder):
+    model_dir = save_model(tmp_path / "model", {"dataset": "folder", "root": str(folder)})
+    out = tmp_path / "m.safetensors"
+    result = invoke("--checkpoint", model_dir, "--num", 3, "--batch-size", 3, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "20 of 20 steps, 3 images" in result.output
+    schedule = NoiseSchedule.from_dict(SCHEDULE)
+    moments = load_moments(out, schedule)
+    # the same numbers as the library call on the same images and model
+    setup = load_for_sampling(model_dir)
+    data = build_dataset("folder", root=folder, image_size=8, hflip=False, channels=1)
+    images = torch.stack([data[i] for i in range(3)])
+    expected = estimate_eps_moments(fold_batchnorm(setup.model), images, schedule, batch_size=3)
+    torch.testing.assert_close(moments, expected, rtol=1e-6, atol=0)
+    assert torch.all(moments > 0)
+    # and the analytic samplers take it
+    x_T = initial_noise(2, (1, 8, 8), seed=0)
+    x0 = sample(setup.model, x_T, "analytic-ddpm", steps=5, moments=moments, schedule=schedule)
+    assert x0.shape == (2, 1, 8, 8) and torch.isfinite(x0).all()
+
+
+def test_only_the_grid_steps_and_a_dataset_flag(tmp_path, folder):
+    """A converted model records no dataset: --dataset names it; --steps K estimates only the
+    grid of a K-step analytic sampler, which then samples with it."""
+    model_dir = save_model(tmp_path / "model")
+    out = tmp_path / "m.safetensors"
+    result = invoke("--checkpoint", model_dir, "--num", 3, "--steps", 4, "--out", out)
+    assert result.exit_code != 0
+    assert "--dataset NAME" in result.output and not out.exists()
+    args = ["--checkpoint", model_dir, "--num", 3, "--steps", 4, "--dataset", "folder"]
+    result = invoke(*args, "--data-root", folder, "--out", out)
+    assert result.exit_code == 0, result.output
+    schedule = NoiseSchedule.from_dict(SCHEDULE)
+    moments = load_moments(out)
+    grid = timesteps(schedule, 4, "linear")
+    assert sorted(torch.nonzero(~moments.isnan()).flatten().tolist()) == sorted(grid)
+    model = load_for_sampling(model_dir).model
+    x_T = initial_noise(1, (1, 8, 8), seed=0)
+    sample(model, x_T, "analytic-ddim", steps=4, moments=moments, schedule=schedule)
+    with pytest.raises(ValueError, match="NaN at step"):
+        sample(model, x_T, "analytic-ddim", steps=5, moments=moments, schedule=schedule)
+
+
+def test_bad_flags_are_named(tmp_path, folder):
+    model_dir = save_model(tmp_path / "model", {"dataset": "folder", "root": str(folder)})
+    result = invoke("--checkpoint", model_dir, "--num", 50, "--out", tmp_path / "m.safetensors")
+    assert result.exit_code != 0 and "--num 50 exceeds the 6 images" in result.output
+    result = invoke("--checkpoint", model_dir, "--out", tmp_path / "m.npz")
+    assert result.exit_code != 0 and "--out must end in .safetensors" in result.output
+    result = invoke("--out", tmp_path / "m.safetensors")
+    assert result.exit_code != 0 and "exactly one of --run" in result.output
+    assert not (tmp_path / "m.safetensors").exists()
