@@ -5,7 +5,7 @@ Each command lives in a module of its own here and registers itself on :data:`ap
 
 from __future__ import annotations
 
-from . import energy, evaluate, models, sample, train  # noqa: F401  (each registers its commands)
+from . import energy, evaluate, export, models, sample, train  # noqa: F401  (each registers its commands)
 from ._app import app
 
 
