@@ -580,6 +580,10 @@ def measure_sampling_energy(
     progress: bool = True,
     source: str | os.PathLike | None = None,
     fold_bn: bool = True,
+    # memory-aware accounting and speed options (issue 14)
+    memory: MemoryEnergyModel | None = None,
+    bf16: bool = False,
+    compile_model: bool = False,
 ) -> EnergyReport:
     """Generate ``num_images`` images with :func:`sddpm.diffusion.sample` (per-image seeds,
     in batches, on the model's device) and measure them with an :class:`EnergyMeter`.
@@ -588,7 +592,9 @@ def measure_sampling_energy(
     :func:`sddpm.diffusion.sample`. The images are discarded; per-image energy uses the model
     calls actually made per image. With ``fold_bn`` the measured network is the copy with
     BatchNorm folded into its convs that :func:`sddpm.generation.generate` samples with (the
-    same layers and counts; BatchNorm is not counted either way)."""
+    same layers and counts; BatchNorm is not counted either way). ``memory`` sets the constants
+    of the memory-aware accounting; ``bf16`` and ``compile_model`` are those of
+    :func:`sddpm.generation.generate_batches` (the counts do not depend on them)."""
     from ..generation import generate_batches
     from ..models import UNet, fold_batchnorm
 
@@ -597,7 +603,7 @@ def measure_sampling_energy(
     if fold_bn and isinstance(model, UNet):
         model = fold_batchnorm(model.eval())
     cfg = model.config
-    with EnergyMeter(model, e_ac=e_ac, e_mac=e_mac) as meter:
+    with EnergyMeter(model, e_ac=e_ac, e_mac=e_mac, memory=memory) as meter:
         # the meter's hooks sit on this (already folded) model: generate must not copy it
         for _ in generate_batches(
             model,
@@ -615,6 +621,8 @@ def measure_sampling_energy(
             progress=progress,
             desc=f"energy {sampler}",
             fold_bn=False,
+            bf16=bf16,
+            compile_model=compile_model,
         ):
             pass
     calls = meter.evaluations / num_images
