@@ -609,3 +609,37 @@ def test_residual_sums_and_skip_tensors_of_the_unet(digits_run):
     terms = report.memory_terms(model=flat)
     assert terms["skip"] == pytest.approx(2 * sum(skips.values()) * 5.0)  # written + read
     assert terms["residual"] == pytest.approx(sum(res.values()) * (0.9 + 3 * 5.0))
+
+
+def test_cli_checkpoint_per_step_json_memory_model_and_steps_plot(tmp_path):
+    from typer.testing import CliRunner
+
+    from sddpm.cli import app
+
+    torch.manual_seed(0)
+    save_pretrained(build_model(TINY).eval(), tmp_path / "model")
+    out = tmp_path / "out"
+    args = ["energy", "--checkpoint", str(tmp_path / "model"), "--json", str(out / "e.json")]
+    args += ["--plot-steps", str(out / "t.png"), "--sampler", "ddim", "--steps", "4"]
+    args += ["--num", "2", "--memory-model", "flat", "--neuron-kernel", "eager"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "e.json").read_text())
+    per_step = data["per_step"]
+    assert len(per_step) == 4 and len({e["t"] for e in per_step}) == 4
+    assert per_step[0]["t"] > per_step[-1]["t"]  # trajectory order: noise first
+    assert all(e["evaluations"] == 2 for e in per_step)
+    memory = data["memory_aware"]
+    assert memory["model"]["memory_model"] == "flat"
+    assert memory["energy_pj_per_image"] == pytest.approx(4 * memory["energy_pj_per_call"])
+    assert data["per_image"]["energy_pj_memory"] == pytest.approx(memory["energy_pj_per_image"])
+    mean = sum(e["energy_pj_memory"] for e in per_step) / 4
+    assert mean == pytest.approx(memory["energy_pj_per_call"], rel=1e-9)
+    assert data["ann"]["energy_pj_memory"] > 0 and "spikes_per_synapse_per_inference" in data
+    assert (out / "t.png").read_bytes()[:4] == b"\x89PNG"
+    assert "memory-aware (flat memory model)" in result.output
+
+    both = CliRunner().invoke(app, [*args, "--run", str(tmp_path / "model")])
+    assert both.exit_code == 2 and "exactly one of --run" in both.output
+    bad = CliRunner().invoke(app, [*args[:-4], "--memory-model", "dram"])
+    assert bad.exit_code == 2 and "--memory-model must be one of" in bad.output
