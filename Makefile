@@ -11,7 +11,7 @@ RUN ?= runs/digits
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -c constraints.txt -e '.[dev,test,metrics,plot]'
+	$(BIN)/pip install -c constraints.txt -e '.[dev,test,metrics,plot,nir]'
 	touch $(STAMP)
 
 install: $(STAMP)

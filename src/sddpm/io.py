@@ -107,9 +107,7 @@ def load_torch_file(path: str | os.PathLike) -> Any:
                 f"{path} holds pickled Python objects (torch.load(weights_only=True) refused "
                 "them), which sddpm never unpickles"
             ) from None
-        raise UnreadableFileError(
-            path, f"{path} is corrupt or not a torch file"
-        ) from None
+        raise UnreadableFileError(path, f"{path} is corrupt or not a torch file") from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, IndexError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UnreadableFileError(

@@ -430,3 +430,216 @@ def test_meter_leaves_the_model_as_it_was():
     assert torch.equal(before, during)
     assert meter.report().model_calls == 1
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+# ---------------------------------------------------------------- memory-aware accounting
+
+
+class TwoLayerToy(nn.Module):
+    """``[B, 3]`` real input, repeated over S = 2 steps -> dense Linear(3, 4) -> IF ->
+    spike-fed Linear(4, 2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin1 = nn.Linear(3, 4)
+        self.neuron = SpikingNeuron()
+        self.lin2 = nn.Linear(4, 2)
+        with torch.no_grad():
+            self.lin1.weight.copy_(torch.eye(4, 3))  # unit i passes input i; unit 3 gets 0
+            self.lin1.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin2(self.neuron(self.lin1(x.expand(2, *x.shape))))
+
+
+def test_memory_aware_terms_of_a_two_layer_toy_equal_the_hand_count():
+    # S = 2 steps of x = [2, 0.6, 0]: neuron 0 charges 2 -> fires on both steps; neuron 1
+    # charges 0.6, 1.2 -> fires on step 2; neurons 2, 3 never. Spikes S_out = S_in = 3.
+    # lin1 (dense): 2 executions, MACs 2 x 4 x 3 = 24, inputs 6, outputs 8, 12 + 4 params.
+    # lin2 (spike-fed): SYN = 3 spikes x 2 outputs = 6, outputs S x 2 = 4, 8 + 2 params.
+    # Flat memory: every 32-bit value costs 10 pJ x 32 / 64 = 5 pJ.
+    from sddpm.evaluation.energy import MemoryEnergyModel
+
+    net = TwoLayerToy()
+    x = torch.tensor([[2.0, 0.6, 0.0]])  # [B=1, 3]
+    memory = MemoryEnergyModel(memory_model="flat")
+    report = measure(net, x, memory=memory)
+    lin2 = layer(report, "lin2")
+    assert (lin2.ops, lin2.input_spikes, lin2.outputs) == (6, 3, 4)
+    assert report.neurons[0].spikes == 3 and report.neurons[0].elements == 8
+
+    e_add, e_mul, e = 0.9, 3.7, 5.0
+    expected = {
+        # lin2: E_add (SYN + S N_out)
+        "accumulate": e_add * (6 + 4),
+        # lin2: S_in 2 (E_mul + E_add) + SYN E_add
+        "addressing": 3 * 2 * (e_mul + e_add) + 6 * e_add,
+        "weight_reads": 6 * e,  # lin2: one per synaptic event
+        "bias_reads": 4 * e,  # lin2: one per output per step
+        "potential_rw": 2 * (6 + 4) * e,  # lin2: read + write per event and per step
+        "spike_rw": 3 * e + 3 * e,  # lin2 reads its 3 input spikes, the neuron writes 3
+        "neuron_update": e_add * (8 + 3),  # v += x on 8 neuron-steps, 3 resets
+        "leak": 0.0,  # IF
+        "dense_arith": 24 * (e_mul + e_add),  # lin1
+        "dense_weight_reads": 2 * (12 + 4) * e,  # lin1: every parameter once per execution
+        "activation_rw": 6 * e + 8 * e,  # lin1: inputs read, outputs written
+    }
+    terms = report.memory_terms()
+    assert set(terms) == set(expected)
+    for k, v in expected.items():
+        assert terms[k] == pytest.approx(v, rel=1e-12), k
+    total = sum(expected.values())
+    assert total == pytest.approx(572.3)
+    assert report.per_call["energy_pj_memory"] == pytest.approx(total, rel=1e-12)
+    data = report.to_dict()
+    assert data["memory_aware"]["energy_pj_per_call"] == pytest.approx(total, rel=1e-12)
+    assert data["memory_aware"]["model"]["memory_model"] == "flat"
+    # spikes per synapse per inference: 6 events over lin2's 4 x 2 synapses
+    assert report.spikes_per_synapse == 6 / 8
+
+
+def test_memory_size_models_and_overrides():
+    from sddpm.evaluation.energy import MemoryEnergyModel
+
+    kib = 8 * 1024  # bits
+    linear = MemoryEnergyModel()
+    # Lemaire's fit per 64-bit access: 1.09e-5 M + 13.2 pJ
+    assert linear.access_pj(64, 8 * kib) == pytest.approx(1.09e-5 * 65536 + 13.2)
+    assert linear.access_pj(32, 1024 * kib) == pytest.approx((1.09e-5 * 8388608 + 13.2) / 2)
+    assert MemoryEnergyModel(memory_model="flat").access_pj(64, 1e9) == 10.0
+    piece = MemoryEnergyModel(memory_model="piecewise")
+    assert piece.access_pj(8, 8 * kib) == pytest.approx(2.5)  # 8 KiB: 2.5 pJ/B
+    assert piece.access_pj(8, 20 * kib) == pytest.approx(2.5 + 2.5 * (20 - 8) / 24)
+    assert piece.access_pj(8, 4096 * kib) == pytest.approx(25.0)  # capped at 1 MiB
+    # LIF leak, weight reuse, and constants as parameters
+    assert linear.neuron_layer(elements=10, spikes=2, map_elements=5, leaky=True)["leak"] == (
+        pytest.approx(10 * (3.7 + 0.9))
+    )
+    flat = MemoryEnergyModel(memory_model="flat", e_add=0.1, e_mul=3.1)
+    reuse = flat.dense_layer(
+        macs=36, executions=1, inputs=16, outputs=4, in_map=16, out_map=4, weights=9, biases=1
+    )
+    per_mac = flat.replace(weight_reuse=False).dense_layer(
+        macs=36, executions=1, inputs=16, outputs=4, in_map=16, out_map=4, weights=9, biases=1
+    )
+    assert reuse["dense_weight_reads"] == pytest.approx((9 + 1) * 5)
+    assert per_mac["dense_weight_reads"] == pytest.approx((36 + 4) * 5)
+    assert reuse["dense_arith"] == pytest.approx(36 * 3.2)
+    with pytest.raises(ValueError, match="memory_model"):
+        MemoryEnergyModel(memory_model="dram")
+    with pytest.raises(ValueError, match=">= 0"):
+        MemoryEnergyModel(e_add=-1)
+
+
+def test_per_step_entries_and_the_ann_twin_memory_terms(digits_run):
+    model, _, _ = digits_run
+    torch.manual_seed(1)
+    xs = {t: torch.randn(2, 1, 8, 8) * 2 for t in (900, 400, 10)}
+    with EnergyMeter(model) as meter, torch.inference_mode():
+        for t in (900, 400, 10, 900):  # 900 twice: one entry, both calls
+            model(xs[t], torch.full((2,), t))
+    report = meter.report(num_images=2)
+    steps = report.step_summaries()
+    assert [s["t"] for s in steps] == [900, 400, 10]
+    assert [s["evaluations"] for s in steps] == [4, 2, 2]
+    # each entry is that step's own counts: the firing rate of the calls at t alone
+    for s in steps:
+        with EnergyMeter(model) as alone, torch.inference_mode():
+            model(xs[s["t"]], torch.full((2,), s["t"]))
+        one = alone.report()
+        assert s["firing_rate"] == pytest.approx(one.firing_rate, rel=1e-12)
+        assert s["energy_pj_paper"] == pytest.approx(one.per_call["energy_pj_paper"], rel=1e-12)
+        assert s["energy_pj_memory"] == pytest.approx(one.per_call["energy_pj_memory"], rel=1e-9)
+    # the per-step entries average to the totals
+    n = report.evaluations
+    for key in ("energy_pj_paper", "energy_pj_full", "energy_pj_memory"):
+        mean = sum(s[key] * s["evaluations"] for s in steps) / n
+        assert mean == pytest.approx(report.per_call[key], rel=1e-9), key
+    assert len({round(s["energy_pj_memory"]) for s in steps}) == 3  # data-dependent
+    # the ANN twin: dense layers, activations, residual sums, skip tensors; no spikes
+    ann = report.ann
+    assert set(ann["memory_terms"]) == {
+        "dense_arith",
+        "dense_weight_reads",
+        "activation_rw",
+        "activation_fn",
+        "residual",
+        "skip",
+    }
+    assert ann["memory_terms"]["dense_arith"] == pytest.approx(ann["macs"] * (3.7 + 0.9))
+    c = model.config
+    twin = report.ann_report
+    acts = [p for p in twin.paths if p.kind == "activation"]
+    assert len(acts) == 19  # one per spiking neuron of the SNN
+    twin_acts = sum(p.elements for p in acts)
+    snn_elements = sum(nf.elements for nf in report.neurons) / n
+    assert twin_acts * c.snn_timesteps == snn_elements  # same maps, S times in the SNN
+    assert ann["energy_pj_memory"] == pytest.approx(sum(ann["memory_terms"].values()))
+    assert ann["ratio_to_snn_memory"] == pytest.approx(
+        ann["energy_pj_memory"] / report.per_call["energy_pj_memory"]
+    )
+    data = report.to_dict()
+    assert [e["t"] for e in data["per_step"]] == [900, 400, 10]
+    assert all("firing_rate" in e and "energy_pj_memory" in e for e in data["per_step"])
+
+
+def test_residual_sums_and_skip_tensors_of_the_unet(digits_run):
+    from sddpm.evaluation.energy import MemoryEnergyModel
+
+    model, report, _ = digits_run
+    c = model.config  # 8x8, ch 16, ch_mult (1, 2), 1 res block, S = 4
+    S, ch = c.snn_timesteps, c.channels
+    paths = {p.name: p for p in report.paths}
+    full, half = 8 * 8, 4 * 4
+    # skips: the stem, encoder.0 (res, 8x8 ch), encoder.1 (down, 4x4 ch), encoder.2 (res, 2ch)
+    skips = {n: p.elements for n, p in paths.items() if p.kind == "skip"}
+    assert skips == {
+        "stem.skip_tensor": S * ch * full,
+        "encoder.0.skip_tensor": S * ch * full,
+        "encoder.1.skip_tensor": S * ch * half,
+        "encoder.2.skip_tensor": S * 2 * ch * half,
+    }
+    # residual sums: every res block's output (encoder 0, 2; middle 0, 1; decoder 0, 1, 3, 4)
+    res = {n: p.elements for n, p in paths.items() if p.kind == "residual"}
+    # at ch x 8x8: encoder.0, decoder.3, decoder.4; at 2ch x 4x4: encoder.2, middle.0,
+    # middle.1, decoder.0, decoder.1
+    assert len(res) == 8
+    assert sum(res.values()) == S * (3 * ch * full + 5 * 2 * ch * half)
+    flat = MemoryEnergyModel(memory_model="flat")  # 5 pJ per 32-bit value
+    terms = report.memory_terms(model=flat)
+    assert terms["skip"] == pytest.approx(2 * sum(skips.values()) * 5.0)  # written + read
+    assert terms["residual"] == pytest.approx(sum(res.values()) * (0.9 + 3 * 5.0))
+
+
+def test_cli_checkpoint_per_step_json_memory_model_and_steps_plot(tmp_path):
+    from typer.testing import CliRunner
+
+    from sddpm.cli import app
+
+    torch.manual_seed(0)
+    save_pretrained(build_model(TINY).eval(), tmp_path / "model")
+    out = tmp_path / "out"
+    args = ["energy", "--checkpoint", str(tmp_path / "model"), "--json", str(out / "e.json")]
+    args += ["--plot-steps", str(out / "t.png"), "--sampler", "ddim", "--steps", "4"]
+    args += ["--num", "2", "--memory-model", "flat", "--neuron-kernel", "eager"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "e.json").read_text())
+    per_step = data["per_step"]
+    assert len(per_step) == 4 and len({e["t"] for e in per_step}) == 4
+    assert per_step[0]["t"] > per_step[-1]["t"]  # trajectory order: noise first
+    assert all(e["evaluations"] == 2 for e in per_step)
+    memory = data["memory_aware"]
+    assert memory["model"]["memory_model"] == "flat"
+    assert memory["energy_pj_per_image"] == pytest.approx(4 * memory["energy_pj_per_call"])
+    assert data["per_image"]["energy_pj_memory"] == pytest.approx(memory["energy_pj_per_image"])
+    mean = sum(e["energy_pj_memory"] for e in per_step) / 4
+    assert mean == pytest.approx(memory["energy_pj_per_call"], rel=1e-9)
+    assert data["ann"]["energy_pj_memory"] > 0 and "spikes_per_synapse_per_inference" in data
+    assert (out / "t.png").read_bytes()[:4] == b"\x89PNG"
+    assert "memory-aware (flat memory model)" in result.output
+
+    both = CliRunner().invoke(app, [*args, "--run", str(tmp_path / "model")])
+    assert both.exit_code == 2 and "exactly one of --run" in both.output
+    bad = CliRunner().invoke(app, [*args[:-4], "--memory-model", "dram"])
+    assert bad.exit_code == 2 and "--memory-model must be one of" in bad.output

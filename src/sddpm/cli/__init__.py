@@ -5,7 +5,15 @@ Each command lives in a module of its own here and registers itself on :data:`ap
 
 from __future__ import annotations
 
-from . import energy, evaluate, models, moments, sample, train  # noqa: F401  (each registers its commands)
+from . import (  # noqa: F401  (each registers its commands)
+    energy,
+    evaluate,
+    export,
+    models,
+    moments,
+    sample,
+    train,
+)
 from ._app import app
 
 

@@ -7,6 +7,7 @@ import inspect
 import re
 import typing
 from collections.abc import Callable
+from pathlib import Path
 
 import typer
 
@@ -76,7 +77,12 @@ def parse_ints(text: str | None, what: str) -> tuple[int, ...] | None:
 # The sampling settings among them become one SamplingOptions: see `with_sampling_options`.
 RUN_OPTION = typer.Option(None, "--run", help="Run directory (latest checkpoint).")
 CHECKPOINT_OPTION = typer.Option(None, "--checkpoint", help="A model directory.")
-SAMPLER_OPTION = typer.Option("ddim", "--sampler", help="ddpm, ddim or dpm-solver++.")
+SAMPLER_OPTION = typer.Option(
+    "ddim",
+    "--sampler",
+    help="ddpm, ddim, dpm-solver++ (2M), dpm-solver++3m, analytic-ddpm or analytic-ddim "
+    "(the analytic ones need --moments).",
+)
 STEPS_OPTION = typer.Option(
     None, "--steps", help="Model calls (default: 1000 ddpm, 100 ddim, 20 dpm-solver++)."
 )
@@ -104,6 +110,12 @@ NEURON_KERNEL_OPTION = typer.Option(
     help="auto (triton on CUDA when installed, else eager), eager, compiled or triton.",
 )
 
+MOMENTS_OPTION = typer.Option(
+    None,
+    "--moments",
+    help="Analytic-DPM's eps moments: a file written by sddpm eps-moments.",
+)
+
 # SamplingOptions field -> (CLI flag, its option, its type).
 SAMPLING_FLAGS = {
     "sampler": ("--sampler", SAMPLER_OPTION, str),
@@ -117,6 +129,7 @@ SAMPLING_FLAGS = {
     "compile": ("--compile", COMPILE_OPTION, bool),
     "neuron_kernel": ("--neuron-kernel", NEURON_KERNEL_OPTION, str),
     "device": ("--device", DEVICE_OPTION, str),
+    "moments": ("--moments", MOMENTS_OPTION, Path | None),
 }
 
 
@@ -132,8 +145,13 @@ def fail_with(err: Exception) -> None:
 def sampling_options(**values):
     """The :class:`~sddpm.diffusion.SamplingOptions` of the flags' ``values`` (field names);
     a bad value fails with its flag."""
-    from ..diffusion import OptionError, SamplingOptions
+    from ..diffusion import OptionError, SamplingOptions, load_moments
 
+    if values.get("moments") is not None:  # a file name on the command line
+        try:
+            values["moments"] = load_moments(values["moments"])
+        except (FileNotFoundError, ValueError) as err:
+            fail(f"--moments: {err}")
     try:
         return SamplingOptions(**values)
     except OptionError as err:

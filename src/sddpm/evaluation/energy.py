@@ -51,14 +51,17 @@ from torch import nn
 
 from ..diffusion import SamplingOptions
 from ..snn import SpikingNeuron
-from .energy_report import EnergyReport, LayerEnergy, NeuronFiring
+from .energy_memory import MemoryEnergyModel
+from .energy_report import EnergyReport, LayerEnergy, NeuronFiring, RealPath, StepCounts
 
 __all__ = [
     "E_AC_PJ",
     "E_MAC_PJ",
     "EnergyMeter",
     "EnergyReport",
+    "MemoryEnergyModel",
     "ann_twin_macs",
+    "ann_twin_report",
     "dense_ops",
     "measure_sampling_energy",
     "spike_fed_layers",
@@ -128,19 +131,25 @@ def dense_ops(layer: nn.Module, output: torch.Tensor) -> int:
 
 @dataclass
 class _Stats:
-    """One hooked layer's counters: ``*_dev`` on the device, the rest plain ints."""
+    """One hooked layer's static counts (plain ints, summed over all calls); its
+    data-dependent counts (SOPs, spikes) are kept per call on the device by the meter."""
 
     name: str
     kind: str  # "sop" | "mac" | "neuron"
     module: str
     neuron: str | None = None
     is_conv: bool = False
-    ops_dev: torch.Tensor | None = None  # SOPs (sop layers)
     ops: int = 0  # MACs (mac layers)
     dense: int = 0
-    spikes_dev: torch.Tensor | None = None  # input spikes (sop) or output spikes (neuron)
-    elements: int = 0
-    nonbinary_dev: torch.Tensor | None = None
+    elements: int = 0  # input elements (sop), neuron elements (neuron)
+    inputs: int = 0  # input elements (mac)
+    outputs: int = 0  # output elements
+    executions: int = 0  # per-sample executions (batch and SNN steps counted)
+    in_map: int = 0  # elements of one sample's input map
+    out_map: int = 0  # elements of one sample's output map
+    weights: int = 0
+    biases: int = 0
+    leaky: bool = False
 
 
 def _add(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
@@ -155,8 +164,33 @@ def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return None
 
 
+def _step_of(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The diffusion step of a ``model(x, t)`` call (its first element), kept on the device."""
+    t = kwargs.get("t", args[1] if len(args) > 1 else None)
+    if isinstance(t, torch.Tensor) and t.numel() and not t.dtype.is_floating_point:
+        return t.detach().reshape(-1)[:1].to(torch.int64)
+    return None
+
+
+def _sample_size(layer: nn.Module, t: torch.Tensor) -> int:
+    """Elements of one sample's map as ``layer`` sees it (C x spatial, or features)."""
+    if isinstance(layer, nn.Linear):
+        return int(t.shape[-1])
+    nd = len(layer.kernel_size)
+    return math.prod(t.shape[-(nd + 1) :])
+
+
+def _params(layer: nn.Module) -> tuple[int, int]:
+    bias = getattr(layer, "bias", None)
+    return layer.weight.numel(), 0 if bias is None else bias.numel()
+
+
+_ACTIVATIONS = (nn.SiLU, nn.ReLU)
+
+
 class EnergyMeter:
-    """Count SOPs, MACs and spikes of ``model`` over every forward pass inside ``with``.
+    """Count SOPs, MACs, spikes and memory traffic of ``model`` over every forward pass inside
+    ``with``.
 
     Example::
 
@@ -167,14 +201,17 @@ class EnergyMeter:
 
     Args:
         model: any module; its forward calls define "calls" (the batch size of the first
-            tensor argument counts the images evaluated).
+            tensor argument counts the images evaluated; an integer second argument ``t`` is
+            the diffusion step the per-step report groups by).
         e_ac, e_mac: pJ per SOP and per MAC.
         spike_fed: ``{layer name: neuron name}``; default :func:`spike_fed_layers`.
         paper_layers: names of the real-fed layers the paper's accounting counts as MACs;
             default the first conv to run (the stem conv on the image).
         ann_macs: the ANN twin's MACs per call: a number, ``None`` (not reported) or
-            ``"auto"`` (computed with :func:`ann_twin_macs` when ``model.config`` is a spiking
-            ``UNetConfig``).
+            ``"auto"`` (the twin measured with :func:`ann_twin_report` when ``model.config``
+            is a spiking ``UNetConfig``, memory-aware terms included).
+        memory: the constants of the memory-aware accounting (default
+            :class:`~.energy_memory.MemoryEnergyModel`: Horowitz 45 nm, Lemaire's linear fit).
     """
 
     def __init__(
@@ -186,12 +223,14 @@ class EnergyMeter:
         spike_fed: Mapping[str, str] | None = None,
         paper_layers: list[str] | None = None,
         ann_macs: float | str | None = "auto",
+        memory: MemoryEnergyModel | None = None,
     ) -> None:
         if not (e_ac >= 0 and e_mac >= 0):
             raise ValueError(f"energies must be >= 0 pJ, got e_ac={e_ac}, e_mac={e_mac}")
         self.model = model
         self.e_ac = float(e_ac)
         self.e_mac = float(e_mac)
+        self.memory = memory if memory is not None else MemoryEnergyModel()
         self.spike_fed = dict(spike_fed_layers(model) if spike_fed is None else spike_fed)
         modules = dict(model.named_modules())
         unknown = [n for n in (*self.spike_fed, *self.spike_fed.values()) if n not in modules]
@@ -206,6 +245,10 @@ class EnergyMeter:
     def reset(self) -> None:
         """Zero every counter (e.g. to leave a warm-up pass out)."""
         self._stats: dict[str, _Stats] = {}
+        self._paths: dict[str, dict[str, Any]] = {}
+        self._calls: list[tuple[torch.Tensor | None, int, list[tuple[str, str]], Any]] = []
+        self._current: dict[tuple[str, str], torch.Tensor] = {}
+        self._current_call: tuple[torch.Tensor | None, int] | None = None
         self.model_calls = 0
         self.evaluations = 0
 
@@ -221,44 +264,77 @@ class EnergyMeter:
         self._handles = []
 
     def _attach(self) -> None:
-        from ..models.unet import Head  # the U-Net's head applies its temporal conv functionally
+        # the U-Net's head applies its temporal conv functionally; its blocks hold the
+        # residual sums and the skip tensors
+        from ..models.unet import Head, ResBlock, UNet
 
+        skip_producers: set[str] = set()
+        if isinstance(self.model, UNet):
+            skip_producers = {"stem", *(f"encoder.{i}" for i in range(len(self.model.encoder)))}
         self._handles.append(
             self.model.register_forward_pre_hook(self._count_call, with_kwargs=True)
         )
+        self._handles.append(self.model.register_forward_hook(self._end_call))
         for name, m in self.model.named_modules():
-            hook: Callable | None = None
+            hooks: list[Callable] = []
             if isinstance(m, SpikingNeuron):
-                hook = self._neuron_hook(name)
+                hooks.append(self._neuron_hook(name))
             elif isinstance(m, _LAYERS):
                 if name in self.spike_fed:
-                    hook = self._sop_hook(name, self.spike_fed[name])
+                    hooks.append(self._sop_hook(name, self.spike_fed[name]))
                 else:
-                    hook = self._mac_hook(name)
+                    hooks.append(self._mac_hook(name))
             elif isinstance(m, Head):
-                hook = self._head_hook(f"{name}.temporal_conv" if name else "temporal_conv")
-            if hook is not None:
+                hooks.append(self._head_hook(f"{name}.temporal_conv" if name else "temporal_conv"))
+            elif isinstance(m, _ACTIVATIONS):
+                hooks.append(self._path_hook(name, "activation"))
+            if isinstance(m, ResBlock):
+                hooks.append(self._path_hook(f"{name}.residual", "residual"))
+            if name in skip_producers:
+                hooks.append(self._path_hook(f"{name}.skip_tensor", "skip"))
+            for hook in hooks:
                 self._handles.append(m.register_forward_hook(hook))
 
     def _get(self, name: str, kind: str, module: nn.Module, neuron: str | None = None) -> _Stats:
         st = self._stats.get(name)
         if st is None:  # first use: the report lists layers in the order they first ran
             st = _Stats(name, kind, type(module).__name__, neuron, isinstance(module, _CONVS))
+            if isinstance(module, _LAYERS):
+                st.weights, st.biases = _params(module)
+            if isinstance(module, SpikingNeuron):
+                st.leaky = module.tau is not None
             self._stats[name] = st
         return st
+
+    def _count(self, name: str, field: str, value: torch.Tensor) -> None:
+        key = (name, field)
+        self._current[key] = _add(self._current.get(key), value)
 
     # ---- hooks
     def _count_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         x = _first_tensor(args, kwargs)
+        batch = int(x.shape[0]) if x is not None and x.dim() > 0 else 1
         self.model_calls += 1
-        self.evaluations += int(x.shape[0]) if x is not None and x.dim() > 0 else 1
+        self.evaluations += batch
+        self._current = {}
+        self._current_call = (_step_of(args, kwargs), batch)
+
+    def _end_call(self, module: nn.Module, args: tuple, out: Any) -> None:
+        if self._current_call is None:
+            return
+        t, batch = self._current_call
+        keys = list(self._current)
+        values = torch.stack([self._current[k] for k in keys]) if keys else None
+        self._calls.append((t, batch, keys, values))
+        self._current, self._current_call = {}, None
 
     def _neuron_hook(self, name: str):
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
             with torch.no_grad():
                 st = self._get(name, "neuron", module)
-                st.spikes_dev = _add(st.spikes_dev, out.detach().to(torch.int64).sum())
+                self._count(name, "spikes", out.detach().to(torch.int64).sum())
                 st.elements += out.numel()
+                st.out_map = math.prod(out.shape[2:])  # [S, B, ...]
 
         return hook
 
@@ -267,11 +343,14 @@ class EnergyMeter:
             with torch.no_grad():
                 st = self._get(name, "sop", module, neuron)
                 x = args[0].detach()
-                st.ops_dev = _add(st.ops_dev, synaptic_ops(module, x))
+                self._count(name, "ops", synaptic_ops(module, x))
+                self._count(name, "spikes", (x == 1).sum())
+                self._count(name, "nonbinary", ((x != 0) & (x != 1)).sum())
                 st.dense += dense_ops(module, out)
-                st.spikes_dev = _add(st.spikes_dev, (x == 1).sum())
-                st.nonbinary_dev = _add(st.nonbinary_dev, ((x != 0) & (x != 1)).sum())
                 st.elements += x.numel()
+                st.outputs += out.numel()
+                st.in_map, st.out_map = _sample_size(module, x), _sample_size(module, out)
+                st.executions += out.numel() // st.out_map
 
         return hook
 
@@ -281,6 +360,11 @@ class EnergyMeter:
             n = dense_ops(module, out)
             st.ops += n
             st.dense += n
+            x = args[0]
+            st.inputs += x.numel()
+            st.outputs += out.numel()
+            st.in_map, st.out_map = _sample_size(module, x), _sample_size(module, out)
+            st.executions += out.numel() // st.out_map
 
         return hook
 
@@ -289,13 +373,45 @@ class EnergyMeter:
             conv = module.temporal_conv
             st = self._get(name, "mac", conv)
             # Applied per SNN step to [S*B, C, H, W] and summed over steps into `out`.
-            n = args[0].shape[0] * out.numel() * math.prod(conv.weight.shape[1:])
+            steps = args[0].shape[0]
+            n = steps * out.numel() * math.prod(conv.weight.shape[1:])
             st.ops += n
             st.dense += n
+            st.inputs += steps * out.numel()  # its input: the head conv's output per step
+            st.outputs += steps * out.numel()
+            st.in_map = st.out_map = math.prod(out.shape[1:])
+            st.executions += steps * out.shape[0]
+
+        return hook
+
+    def _path_hook(self, name: str, kind: str):
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            path = self._paths.setdefault(name, {"kind": kind, "elements": 0, "map": 0})
+            path["elements"] += out.numel()
+            # per sample and step: [S, B, C, H, W] blocks, [N, C, H, W] activations
+            path["map"] = math.prod(out.shape[2:] if out.dim() == 5 else out.shape[1:])
 
         return hook
 
     # ---- result
+    def _read_calls(self) -> list[tuple[int | None, int, dict[tuple[str, str], int]]]:
+        """Every call's counters, read from the device in one transfer."""
+        tensors = [v for _, _, _, v in self._calls if v is not None]
+        steps = [t for t, _, _, _ in self._calls if t is not None]
+        flat = torch.cat([v.to("cpu") for v in tensors]).tolist() if tensors else []
+        ts = torch.cat([t.to("cpu") for t in steps]).tolist() if steps else []
+        out, i, j = [], 0, 0
+        for t, batch, keys, values in self._calls:
+            counts = {}
+            if values is not None:
+                counts = dict(zip(keys, flat[i : i + len(keys)], strict=True))
+                i += len(keys)
+            step = None
+            if t is not None:
+                step, j = int(ts[j]), j + 1
+            out.append((step, batch, counts))
+        return out
+
     def report(
         self,
         num_images: int | None = None,
@@ -310,10 +426,20 @@ class EnergyMeter:
         """
         if self.evaluations == 0:
             raise ValueError("nothing was measured: run the model inside `with EnergyMeter(...)`")
-        bad = []
-        for st in self._stats.values():
-            if st.kind == "sop" and st.nonbinary_dev is not None and int(st.nonbinary_dev):
-                bad.append(f"{st.name} ({int(st.nonbinary_dev)} values, fed by {st.neuron})")
+        calls = self._read_calls()
+        totals: dict[tuple[str, str], int] = {}
+        groups: dict[int | None, dict[str, Any]] = {}  # diffusion step -> counts, in order
+        for step, batch, counts in calls:
+            g = groups.setdefault(step, {"evaluations": 0, "counts": {}})
+            g["evaluations"] += batch
+            for k, v in counts.items():
+                totals[k] = totals.get(k, 0) + v
+                g["counts"][k] = g["counts"].get(k, 0) + v
+        bad = [
+            f"{st.name} ({totals[(st.name, 'nonbinary')]} values, fed by {st.neuron})"
+            for st in self._stats.values()
+            if st.kind == "sop" and totals.get((st.name, "nonbinary"), 0)
+        ]
         if bad:
             raise ValueError(
                 "layers taken as spike-fed received values other than 0 and 1: "
@@ -330,16 +456,16 @@ class EnergyMeter:
         layers, neurons = [], []
         for st in self._stats.values():
             if st.kind == "neuron":
-                spikes = int(st.spikes_dev) if st.spikes_dev is not None else 0
-                neurons.append(NeuronFiring(st.name, spikes, st.elements))
+                spikes = totals.get((st.name, "spikes"), 0)
+                neurons.append(NeuronFiring(st.name, spikes, st.elements, st.leaky, st.out_map, n))
                 continue
             if st.kind == "sop":
-                ops = int(st.ops_dev) if st.ops_dev is not None else 0
-                spikes = int(st.spikes_dev) if st.spikes_dev is not None else 0
+                ops = totals.get((st.name, "ops"), 0)
+                spikes = totals.get((st.name, "spikes"), 0)
                 rate = spikes / st.elements if st.elements else 0.0
-                e = self.e_ac
+                e, inputs = self.e_ac, st.elements
             else:
-                ops, rate, e = st.ops, None, self.e_mac
+                ops, rate, e, spikes, inputs = st.ops, None, self.e_mac, 0, st.inputs
             layers.append(
                 LayerEnergy(
                     name=st.name,
@@ -351,6 +477,29 @@ class EnergyMeter:
                     paper=st.kind == "sop" or st.name in paper,
                     firing_rate=rate,
                     neuron=st.neuron,
+                    input_spikes=spikes / n,
+                    inputs=inputs / n,
+                    outputs=st.outputs / n,
+                    executions=st.executions / n,
+                    in_map=st.in_map,
+                    out_map=st.out_map,
+                    weights=st.weights,
+                    biases=st.biases,
+                )
+            )
+        paths = [
+            RealPath(name, p["kind"], p["elements"] / n, p["map"])
+            for name, p in self._paths.items()
+        ]
+        steps = []
+        for step, g in groups.items():
+            m, c = g["evaluations"], g["counts"]
+            steps.append(
+                StepCounts(
+                    t=step,
+                    evaluations=m,
+                    ops={k: v / m for (k, f), v in c.items() if f == "ops"},
+                    spikes={k: v / m for (k, f), v in c.items() if f == "spikes"},
                 )
             )
         return EnergyReport(
@@ -364,24 +513,38 @@ class EnergyMeter:
             num_images=num_images,
             ann_macs=self._ann_macs(),
             settings=dict(settings or {}),
+            memory=self.memory,
+            paths=paths,
+            steps=steps,
+            ann_report=self._ann_report(),
         )
+
+    def _ann_config(self):
+        from ..models import UNetConfig
+
+        config = getattr(self.model, "config", None)
+        if self.ann_macs == "auto" and isinstance(config, UNetConfig):
+            if config.kind == "spiking":
+                return config
+        return None
 
     def _ann_macs(self) -> float | None:
         if self.ann_macs != "auto":
             return None if self.ann_macs is None else float(self.ann_macs)
-        from ..models import UNetConfig
+        config = self._ann_config()
+        return None if config is None else float(ann_twin_macs(config))
 
-        config = getattr(self.model, "config", None)
-        if isinstance(config, UNetConfig) and config.kind == "spiking":
-            return float(ann_twin_macs(config))
-        return None
+    def _ann_report(self) -> EnergyReport | None:
+        config = self._ann_config()
+        return None if config is None else ann_twin_report(config)
 
 
 @lru_cache(maxsize=16)
-def ann_twin_macs(config: Any) -> int:
-    """Dense MACs of one call of the ANN twin of ``config`` (a ``UNetConfig``) on one image:
-    the same layers with S = 1, every conv and linear counted as MACs (by hooks on a forward
-    pass of a freshly built twin on the CPU)."""
+def ann_twin_report(config: Any) -> EnergyReport:
+    """The :class:`EnergyReport` of one call of the ANN twin of ``config`` (a ``UNetConfig``)
+    on one image: the same layers with S = 1, every conv and linear dense, activations,
+    residual sums and skip tensors counted for the memory-aware accounting (by hooks on a
+    forward pass of a freshly built twin on the CPU; none of it depends on the data)."""
     from ..models import build_model
 
     cfg = config.replace(kind="ann")
@@ -392,7 +555,13 @@ def ann_twin_macs(config: Any) -> int:
         model(x, t)
     report = meter.report()
     assert report.sops_per_call == 0, "the ANN twin has no spiking neurons"
-    return int(report.macs_per_call)
+    return report
+
+
+def ann_twin_macs(config: Any) -> int:
+    """Dense MACs of one call of the ANN twin of ``config`` on one image
+    (:func:`ann_twin_report`'s MACs)."""
+    return int(ann_twin_report(config).macs_per_call)
 
 
 def measure_sampling_energy(
@@ -407,6 +576,7 @@ def measure_sampling_energy(
     progress: bool = True,
     source: str | os.PathLike | None = None,
     fold_bn: bool = True,
+    memory: MemoryEnergyModel | None = None,
     **changes: Any,
 ) -> EnergyReport:
     """Generate ``num_images`` images with :func:`sddpm.diffusion.sample` (per-image seeds,
@@ -417,7 +587,8 @@ def measure_sampling_energy(
     discarded; per-image energy uses the model calls actually made per image. With ``fold_bn``
     the measured network is the copy with BatchNorm folded into its convs that
     :func:`sddpm.generation.generate` samples with (the same layers and counts; BatchNorm is
-    not counted either way)."""
+    not counted either way). ``memory`` sets the constants of the
+    memory-aware accounting (default :class:`MemoryEnergyModel`)."""
     from ..generation import generate_batches
     from ..models import UNet, fold_batchnorm
 
@@ -428,7 +599,7 @@ def measure_sampling_energy(
     if fold_bn and isinstance(model, UNet):
         model = fold_batchnorm(model.eval())
     cfg = model.config
-    with EnergyMeter(model, e_ac=e_ac, e_mac=e_mac) as meter:
+    with EnergyMeter(model, e_ac=e_ac, e_mac=e_mac, memory=memory) as meter:
         # the meter's hooks sit on this (already folded) model: generate must not copy it
         for _ in generate_batches(
             model,

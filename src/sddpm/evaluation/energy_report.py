@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..io import atomic_path, write_json
+from .energy_memory import MemoryEnergyModel
 
-__all__ = ["EnergyReport", "LayerEnergy", "NeuronFiring"]
+__all__ = ["EnergyReport", "LayerEnergy", "NeuronFiring", "RealPath", "StepCounts"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,10 @@ class LayerEnergy:
     fan-in), the SOPs it would do if every input were a spike. ``firing_rate`` (sop layers) is
     the fraction of ones in the input tensor the layer saw, ``neuron`` the neuron feeding it.
     ``paper`` says whether the paper's accounting counts the layer.
+
+    For the memory-aware accounting, per call: ``input_spikes`` (sop), ``inputs`` and
+    ``outputs`` (elements over all executions), ``executions`` (per-sample runs: SNN steps);
+    per layer: ``in_map``/``out_map`` (elements of one sample's map), ``weights``/``biases``.
     """
 
     name: str
@@ -42,6 +47,14 @@ class LayerEnergy:
     paper: bool
     firing_rate: float | None = None
     neuron: str | None = None
+    input_spikes: float = 0.0
+    inputs: float = 0.0
+    outputs: float = 0.0
+    executions: float = 0.0
+    in_map: int = 0
+    out_map: int = 0
+    weights: int = 0
+    biases: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -52,11 +65,43 @@ class LayerEnergy:
             "dense_ops": self.dense_ops,
             "energy_pj": self.energy_pj,
             "paper": self.paper,
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+            "executions": self.executions,
+            "weights": self.weights,
+            "biases": self.biases,
         }
         if self.kind == "sop":
             d["firing_rate"] = self.firing_rate
             d["neuron"] = self.neuron
+            d["input_spikes"] = self.input_spikes
         return d
+
+    def memory_terms(
+        self, model: MemoryEnergyModel, ops: float | None = None, spikes: float | None = None
+    ) -> dict[str, float]:
+        """This layer's memory-aware terms per call (pJ); ``ops``/``spikes`` replace the
+        measured SOPs and input spikes (e.g. one diffusion step's)."""
+        if self.kind == "sop":
+            return model.synaptic_layer(
+                syn=self.ops if ops is None else ops,
+                input_spikes=self.input_spikes if spikes is None else spikes,
+                outputs=self.outputs,
+                out_map=self.out_map,
+                in_map=self.in_map,
+                weights=self.weights,
+                biases=self.biases,
+            )
+        return model.dense_layer(
+            macs=self.ops,
+            executions=self.executions,
+            inputs=self.inputs,
+            outputs=self.outputs,
+            in_map=self.in_map,
+            out_map=self.out_map,
+            weights=self.weights,
+            biases=self.biases,
+        )
 
 
 @dataclass(frozen=True)
@@ -66,10 +111,23 @@ class NeuronFiring:
     name: str
     spikes: int
     elements: int
+    leaky: bool = False
+    map_elements: int = 0  # neurons of one sample's map
+    evaluations: int = 1  # images evaluated: spikes / evaluations is per call
 
     @property
     def firing_rate(self) -> float:
         return self.spikes / self.elements if self.elements else 0.0
+
+    def memory_terms(self, model: MemoryEnergyModel, spikes: float | None = None):
+        """Memory-aware terms per call (pJ); ``spikes`` per call replaces the measured ones."""
+        n = max(self.evaluations, 1)
+        return model.neuron_layer(
+            elements=self.elements / n,
+            spikes=self.spikes / n if spikes is None else spikes,
+            map_elements=self.map_elements,
+            leaky=self.leaky,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -78,6 +136,41 @@ class NeuronFiring:
             "spikes": self.spikes,
             "elements": self.elements,
         }
+
+
+@dataclass(frozen=True)
+class RealPath:
+    """A real-valued tensor outside the layers: a residual sum (``kind="residual"``), a skip
+    tensor kept for the decoder (``"skip"``) or an ANN activation (``"activation"``), with its
+    ``elements`` per call and ``map_elements`` per sample and step."""
+
+    name: str
+    kind: str
+    elements: float
+    map_elements: int
+
+    def memory_terms(self, model: MemoryEnergyModel) -> dict[str, float]:
+        return model.real_path(self.kind, elements=self.elements, map_elements=self.map_elements)
+
+
+@dataclass(frozen=True)
+class StepCounts:
+    """The data-dependent counts of one diffusion step ``t`` (``None``: calls without t),
+    per call: ``ops`` (SOPs per spike-fed layer) and ``spikes`` (input spikes per spike-fed
+    layer, output spikes per neuron layer), over ``evaluations`` image evaluations."""
+
+    t: int | None
+    evaluations: int
+    ops: dict[str, float]
+    spikes: dict[str, float]
+
+
+def _sum_terms(parts) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for terms in parts:
+        for k, v in terms.items():
+            total[k] = total.get(k, 0.0) + v
+    return total
 
 
 def _totals(sops: float, macs_paper: float, macs_full: float, e_ac: float, e_mac: float):
@@ -102,7 +195,11 @@ class EnergyReport:
       shortcut 1x1 convs, time-embedding linears and time projections, head convs).
 
     BatchNorm (foldable into the preceding conv), activations, additions and the neurons' own
-    membrane updates are not counted in either.
+    membrane updates are not counted in either. The third, ``memory``
+    (:meth:`memory_terms`, :class:`~.energy_memory.MemoryEnergyModel`), counts them, and
+    memory traffic, after Lemaire et al.
+
+    ``steps`` holds the data-dependent counts per diffusion step t (:meth:`step_summaries`).
 
     ``calls_per_image`` turns per-call numbers into per-image ones (the sampler's model calls
     per generated image). ``ann_macs`` is the ANN twin's dense MACs per call, when known.
@@ -118,6 +215,10 @@ class EnergyReport:
     num_images: int | None = None
     ann_macs: float | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    memory: MemoryEnergyModel = field(default_factory=MemoryEnergyModel)
+    paths: list[RealPath] = field(default_factory=list)
+    steps: list[StepCounts] = field(default_factory=list)
+    ann_report: EnergyReport | None = None  # the ANN twin's own report (memory terms)
 
     # ---- totals
     @property
@@ -133,16 +234,92 @@ class EnergyReport:
     def paper_macs_per_call(self) -> float:
         return sum(la.ops for la in self.layers if la.kind == "mac" and la.paper)
 
+    def memory_terms(
+        self, step: StepCounts | None = None, model: MemoryEnergyModel | None = None
+    ) -> dict[str, float]:
+        """The memory-aware accounting per call (pJ), term by term (see
+        :mod:`~.energy_memory`); for one diffusion ``step``'s counts when given, with the
+        constants of ``model`` (default :attr:`memory`)."""
+        model = model or self.memory
+
+        def layer(la: LayerEnergy):
+            if step is None or la.kind != "sop":
+                return la.memory_terms(model)
+            return la.memory_terms(model, step.ops.get(la.name, 0.0), step.spikes.get(la.name))
+
+        return _sum_terms(
+            [
+                *(layer(la) for la in self.layers),
+                *(
+                    nf.memory_terms(model, None if step is None else step.spikes.get(nf.name))
+                    for nf in self.neurons
+                ),
+                *(p.memory_terms(model) for p in self.paths),
+            ]
+        )
+
+    def memory_energy(
+        self, step: StepCounts | None = None, model: MemoryEnergyModel | None = None
+    ) -> float:
+        """The sum of :meth:`memory_terms` (pJ per call)."""
+        return sum(self.memory_terms(step, model).values())
+
+    @property
+    def firing_rate(self) -> float:
+        """Spikes / neuron elements over every neuron layer and everything measured."""
+        elements = sum(n.elements for n in self.neurons)
+        return sum(n.spikes for n in self.neurons) / elements if elements else 0.0
+
+    @property
+    def spikes_per_synapse(self) -> float:
+        """Dampfhoffer et al.'s measure: synaptic events per synapse per inference (one call,
+        all SNN steps): SOPs over the synapses of one step (dense ops / executions)."""
+        synapses = sum(
+            la.dense_ops / la.executions for la in self.layers if la.kind == "sop" and la.executions
+        )
+        return self.sops_per_call / synapses if synapses else 0.0
+
     @property
     def per_call(self) -> dict[str, float]:
-        """``sops``, ``macs`` (full), ``macs_paper``, ``energy_pj_paper``, ``energy_pj_full``."""
-        return _totals(
+        """``sops``, ``macs`` (full), ``macs_paper``, ``energy_pj_paper``, ``energy_pj_full``,
+        ``energy_pj_memory``."""
+        totals = _totals(
             self.sops_per_call,
             self.paper_macs_per_call,
             self.macs_per_call,
             self.e_ac,
             self.e_mac,
         )
+        totals["energy_pj_memory"] = self.memory_energy()
+        return totals
+
+    def step_summaries(self) -> list[dict[str, Any]]:
+        """One entry per diffusion step, in trajectory order: ``t``, ``evaluations``,
+        ``firing_rate`` (all neurons), ``spikes_per_synapse`` and the energy per call by each
+        accounting (``energy_pj_paper``, ``energy_pj_full``, ``energy_pj_memory``)."""
+        neurons = {n.name: n for n in self.neurons}
+        elements = sum(n.elements / max(n.evaluations, 1) for n in self.neurons)
+        synapses = sum(
+            la.dense_ops / la.executions for la in self.layers if la.kind == "sop" and la.executions
+        )
+        macs_paper, macs_full = self.paper_macs_per_call, self.macs_per_call
+        out = []
+        for st in self.steps:
+            sops = sum(st.ops.values())
+            spikes = sum(v for k, v in st.spikes.items() if k in neurons)
+            out.append(
+                {
+                    "t": st.t,
+                    "evaluations": st.evaluations,
+                    "firing_rate": spikes / elements if elements else 0.0,
+                    "spikes_per_synapse": sops / synapses if synapses else 0.0,
+                    "sops": sops,
+                    "energy_pj_paper": sops * self.e_ac + macs_paper * self.e_mac,
+                    "energy_pj_full": sops * self.e_ac + macs_full * self.e_mac,
+                    "energy_pj_memory": self.memory_energy(st),
+                }
+            )
+        return out
 
     @property
     def per_image(self) -> dict[str, float]:
@@ -161,7 +338,7 @@ class EnergyReport:
         def ratio(x: float) -> float | None:
             return energy / x if x else None
 
-        return {
+        out: dict[str, Any] = {
             "macs": self.ann_macs,
             "energy_pj": energy,
             "macs_per_image": self.ann_macs * self.calls_per_image,
@@ -169,6 +346,17 @@ class EnergyReport:
             "ratio_to_snn_paper": ratio(per_call["energy_pj_paper"]),
             "ratio_to_snn_full": ratio(per_call["energy_pj_full"]),
         }
+        if self.ann_report is not None:
+            # the same memory-aware constants as the SNN's, on the twin's own counts
+            terms = self.ann_report.memory_terms(model=self.memory)
+            memory = sum(terms.values())
+            out["energy_pj_memory"] = memory
+            out["energy_pj_memory_per_image"] = memory * self.calls_per_image
+            out["ratio_to_snn_memory"] = (
+                memory / per_call["energy_pj_memory"] if per_call["energy_pj_memory"] else None
+            )
+            out["memory_terms"] = terms
+        return out
 
     # ---- output
     def to_dict(self) -> dict[str, Any]:
@@ -184,15 +372,36 @@ class EnergyReport:
             "e_mac_pj": self.e_mac,
             "per_call": self.per_call,
             "per_image": self.per_image,
+            "firing_rate": self.firing_rate,
+            "spikes_per_synapse_per_inference": self.spikes_per_synapse,
+            "memory_aware": self._memory_section(),
             "ann": self.ann,
+            "per_step": self.step_summaries(),
             "layers": [la.to_dict() for la in self.layers],
             "neurons": [n.to_dict() for n in self.neurons],
+            "real_paths": [
+                {"name": p.name, "kind": p.kind, "elements": p.elements} for p in self.paths
+            ],
             "notes": (
                 "per_call: one image, one U-Net evaluation. sop layers: exact (input spike, "
                 "weight) pairs, zero padding excluded; mac layers: dense MACs. paper: SOPs + "
-                "MACs of the first conv only; full: SOPs + MACs of every real-fed layer. "
-                "BatchNorm, activations and additions not counted."
+                "MACs of the first conv only; full: SOPs + MACs of every real-fed layer "
+                "(BatchNorm, activations, additions and memory not counted in these two). "
+                "memory: Lemaire et al.'s memory-aware model (arithmetic, addressing, weight, "
+                "bias, membrane and spike memory, real-valued paths), constants in "
+                "memory_aware.model. per_step: per diffusion step t (trajectory order), per call."
             ),
+        }
+
+    def _memory_section(self) -> dict[str, Any]:
+        terms = self.memory_terms()
+        total = sum(terms.values())
+        return {
+            "model": self.memory.to_dict(),
+            "energy_pj_per_call": total,
+            "energy_pj_per_image": total * self.calls_per_image,
+            "terms_per_call": terms,
+            "terms_per_image": {k: v * self.calls_per_image for k, v in terms.items()},
         }
 
     def save_json(self, path: str | os.PathLike) -> None:
@@ -247,6 +456,11 @@ class EnergyReport:
             f"per image: {m['sops']:,.0f} SOPs, {m['macs']:,.0f} MACs (full); energy "
             f"{_pj(m['energy_pj_paper'])} (paper), {_pj(m['energy_pj_full'])} (full)"
         )
+        lines.append(
+            f"memory-aware ({self.memory.memory_model} memory model): "
+            f"{_pj(c['energy_pj_memory'])} per call, {_pj(m['energy_pj_memory'])} per image; "
+            f"{self.spikes_per_synapse:.3f} spikes per synapse per inference"
+        )
         ann = self.ann
         if ann is not None:
             lines.append(
@@ -255,6 +469,12 @@ class EnergyReport:
                 f"({ann['ratio_to_snn_paper'] or 0:.1f}x paper, "
                 f"{ann['ratio_to_snn_full'] or 0:.1f}x full)"
             )
+            if "energy_pj_memory" in ann:
+                lines.append(
+                    f"ANN twin memory-aware: {_pj(ann['energy_pj_memory'])} per call, "
+                    f"{_pj(ann['energy_pj_memory_per_image'])} per image "
+                    f"({ann['ratio_to_snn_memory'] or 0:.2f}x the SNN's)"
+                )
         return "\n".join(lines)
 
     def plot(self, path: str | os.PathLike) -> None:
@@ -303,6 +523,40 @@ class EnergyReport:
                 Patch(color=colors["mac"], label=f"MAC (x {self.e_mac} pJ)"),
             ]
         )
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=120)
+
+    def plot_steps(self, path: str | os.PathLike) -> None:
+        """A PNG against the diffusion step t: the firing rate (top) and the energy per call
+        (bottom, log scale) of the SNN by the paper's and the memory-aware accounting, with
+        the ANN twin's (constant in t) by the same two. Written atomically."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        steps = [s for s in self.step_summaries() if s["t"] is not None]
+        if not steps:
+            raise ValueError("no diffusion steps were measured (calls without t)")
+        steps.sort(key=lambda s: s["t"])
+        ts = [s["t"] for s in steps]
+        fig = Figure(figsize=(8.0, 7.5), layout="constrained")
+        FigureCanvasAgg(fig)
+        top, bottom = fig.subplots(2, 1, sharex=True)
+        top.plot(ts, [s["firing_rate"] for s in steps], ".-", color="tab:green", ms=3)
+        top.set_ylabel("firing rate (all neurons)")
+        top.set_title("Firing rate and energy per U-Net call against the diffusion step t")
+        bottom.plot(ts, [s["energy_pj_paper"] for s in steps], ".-", ms=3, label="SNN, paper")
+        bottom.plot(ts, [s["energy_pj_memory"] for s in steps], ".-", ms=3, label="SNN, memory")
+        ann = self.ann
+        if ann is not None:
+            bottom.axhline(ann["energy_pj"], color="tab:blue", ls="--", label="ANN, paper")
+            if "energy_pj_memory" in ann:
+                bottom.axhline(
+                    ann["energy_pj_memory"], color="tab:orange", ls="--", label="ANN, memory"
+                )
+        bottom.set_yscale("log")
+        bottom.set_xlabel("diffusion step t")
+        bottom.set_ylabel("energy per call (pJ)")
+        bottom.legend()
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=120)
 
