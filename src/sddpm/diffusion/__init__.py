@@ -7,6 +7,7 @@ Every sampler calls any ``model(x_t [B,C,H,W] float32, t [B] int64) -> eps`` (or
 from .ddim import ddim_sample, ddim_step
 from .ddpm import ddpm_sample, ddpm_step_mean_logvar
 from .dpm_solver import dpm_solver_pp_step, dpm_solver_sample
+from .guidance import GuidedModel, check_guidance, cycle_labels, drop_labels
 from .loss import (
     PREDICTIONS,
     draw_t_and_noise,
@@ -24,12 +25,15 @@ from .seeding import PerImageRandn, image_seed, initial_noise
 __all__ = [
     "DEFAULT_SPACING",
     "DEFAULT_STEPS",
+    "GuidedModel",
     "NoiseSchedule",
     "PREDICTIONS",
     "PerImageRandn",
     "SAMPLERS",
     "SCHEDULE_KINDS",
     "SPACINGS",
+    "check_guidance",
+    "cycle_labels",
     "ddim_sample",
     "ddim_step",
     "ddpm_sample",
@@ -37,6 +41,7 @@ __all__ = [
     "dpm_solver_pp_step",
     "dpm_solver_sample",
     "draw_t_and_noise",
+    "drop_labels",
     "image_seed",
     "initial_noise",
     "loss_map",
