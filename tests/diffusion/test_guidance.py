@@ -185,6 +185,20 @@ def test_threshold_guidance_reaches_the_wrapped_neurons():
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("w, per_step", [(1.0, 1), (3.0, 2)])
+def test_energy_meter_on_the_unet_counts_two_evaluations_per_guided_step(w, per_step):
+    """Metering the wrapped U-Net: a guided image costs 2 U-Net evaluations per step (one call
+    of 2B images), a w = 1 image one."""
+    from sddpm.evaluation.energy import EnergyMeter
+
+    unet = tiny_unet()
+    with EnergyMeter(unet) as meter:
+        sample(GuidedModel(unet, [0, 1], w), initial_noise(2, (1, 8, 8)), "ddim", steps=3)
+    report = meter.report(num_images=2)
+    assert (meter.model_calls, meter.evaluations) == (3, 2 * 3 * per_step)
+    assert report.calls_per_image == 3 * per_step
+
+
 # ---------------------------------------------------------------- bad input
 def test_bad_input_is_refused_before_any_call():
     unet = tiny_unet()
@@ -245,3 +259,5 @@ def test_label_dropout_edges():
             drop_labels(y, bad, 4, g)
     with pytest.raises(ValueError, match="integer"):
         drop_labels(y.float(), 0.1, 4, g)
+    with pytest.raises(ValueError, match="null_class must be the model's num_classes"):
+        drop_labels(y, 0.1, 0, g)

@@ -162,7 +162,12 @@ def drop_labels(
     """
     if isinstance(p, bool) or not (isinstance(p, numbers.Real) and 0.0 <= p <= 1.0):
         raise ValueError(f"label dropout probability must be in [0, 1], got {p!r}")
-    check_label_tensor(y, None, max(int(null_class), 1))
+    if int(null_class) < 1:
+        raise ValueError(
+            f"null_class must be the model's num_classes (>= 1), got {null_class!r}: label "
+            "dropout is for class-conditional models"
+        )
+    check_label_tensor(y, None, int(null_class))
     u = torch.rand(y.shape, generator=generator, device=generator.device)
     drop = (u < p).to(y.device)
     return torch.where(drop, torch.full_like(y, int(null_class)), y)
