@@ -42,7 +42,7 @@ class DatasetInfo:
     downloadable: bool
     needs_root: bool
     description: str
-    num_classes: int | None = 10
+    num_classes: int | None
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -56,9 +56,17 @@ DATASETS: dict[str, DatasetInfo] = {
             False,
             False,
             "scikit-learn's bundled 8x8 digits, 1,797 images, no download",
+            num_classes=10,
         ),
         DatasetInfo(
-            "mnist", 1, 32, False, True, True, "MNIST idx files, 28x28 resized to 32x32 (bilinear)"
+            "mnist",
+            1,
+            32,
+            False,
+            True,
+            True,
+            "MNIST idx files, 28x28 resized to 32x32 (bilinear)",
+            num_classes=10,
         ),
         DatasetInfo(
             "fashion-mnist",
@@ -68,6 +76,7 @@ DATASETS: dict[str, DatasetInfo] = {
             True,
             True,
             "Fashion-MNIST idx files, 28x28 resized to 32x32 (bilinear)",
+            num_classes=10,
         ),
         DatasetInfo(
             "cifar10",
@@ -77,6 +86,7 @@ DATASETS: dict[str, DatasetInfo] = {
             True,
             True,
             "CIFAR-10 python batches, 32x32, random horizontal flips",
+            num_classes=10,
         ),
         DatasetInfo(
             "celeba64",
