@@ -12,6 +12,7 @@ from sddpm.diffusion import (
     cycle_labels,
     drop_labels,
     initial_noise,
+    label_dropout_generator,
     output_to_eps,
     sample,
 )
@@ -261,3 +262,18 @@ def test_label_dropout_edges():
         drop_labels(y.float(), 0.1, 4, g)
     with pytest.raises(ValueError, match="null_class must be the model's num_classes"):
         drop_labels(y, 0.1, 0, g)
+
+
+def test_label_dropout_generator_per_rank_and_resumable():
+    y = torch.arange(64) % 10
+    first = drop_labels(y, 0.5, 10, label_dropout_generator(7, rank=0))
+    assert torch.equal(first, drop_labels(y, 0.5, 10, label_dropout_generator(7, rank=0)))
+    assert not torch.equal(first, drop_labels(y, 0.5, 10, label_dropout_generator(7, rank=1)))
+    assert not torch.equal(first, drop_labels(y, 0.5, 10, label_dropout_generator(8, rank=0)))
+    g = label_dropout_generator(7)
+    drop_labels(y, 0.5, 10, g)
+    state = g.get_state()
+    after = [drop_labels(y, 0.5, 10, g) for _ in range(3)]
+    resumed = torch.Generator()
+    resumed.set_state(state)
+    assert all(torch.equal(a, drop_labels(y, 0.5, 10, resumed)) for a in after)

@@ -7,7 +7,13 @@ Every sampler calls any ``model(x_t [B,C,H,W] float32, t [B] int64) -> eps`` (or
 from .ddim import ddim_sample, ddim_step
 from .ddpm import ddpm_sample, ddpm_step_mean_logvar
 from .dpm_solver import dpm_solver_pp_step, dpm_solver_sample
-from .guidance import GuidedModel, check_guidance, cycle_labels, drop_labels
+from .guidance import (
+    GuidedModel,
+    check_guidance,
+    cycle_labels,
+    drop_labels,
+    label_dropout_generator,
+)
 from .loss import (
     PREDICTIONS,
     draw_t_and_noise,
@@ -44,6 +50,7 @@ __all__ = [
     "drop_labels",
     "image_seed",
     "initial_noise",
+    "label_dropout_generator",
     "loss_map",
     "output_to_eps",
     "output_to_x0",

@@ -143,6 +143,18 @@ def cycle_labels(
     return torch.tensor(classes, dtype=torch.int64)[idx.to(torch.int64) % len(classes)]
 
 
+LABEL_DROPOUT_STREAM = 2  # beside seeding's streams 0 (initial noise) and 1 (sampler noise)
+
+
+def label_dropout_generator(seed: int, rank: int = 0) -> torch.Generator:
+    """A CPU generator for :func:`drop_labels`, seeded from ``(seed, rank)`` alone and apart
+    from every other stream of the run. Save ``generator.get_state()`` with the training state
+    and ``set_state`` it on resume for the same dropout decisions."""
+    from .seeding import image_seed
+
+    return torch.Generator().manual_seed(image_seed(int(seed), int(rank), LABEL_DROPOUT_STREAM))
+
+
 def drop_labels(
     y: torch.Tensor, p: float, null_class: int, generator: torch.Generator
 ) -> torch.Tensor:
