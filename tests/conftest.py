@@ -31,3 +31,20 @@ def published_model(reference):
     config = json.loads(meta["config"])
     state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
     return from_published(state, config, image_size=config["img_size"])
+
+
+@pytest.fixture(params=["eager", "compiled", "triton", "auto"])
+def kernel(request, monkeypatch):
+    """Every neuron kernel (:data:`sddpm.snn.KERNELS`); ``triton`` runs on the CPU under
+    Triton's interpreter."""
+    from sddpm.snn import KERNELS
+
+    assert request.param in KERNELS
+    if request.param == "triton":
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        from sddpm.snn import triton_neuron
+
+        # the interpreter runs the programs one by one: few wide ones are faster
+        monkeypatch.setattr(triton_neuron, "BLOCK", 1 << 16)
+    return request.param

@@ -8,27 +8,13 @@ lands on the other side of its threshold. A flip here is a change of arithmetic 
 not noise to tolerate.
 """
 
-import pytest
 import torch
 
 from sddpm.compat import to_published
-from sddpm.snn import KERNELS, get_thresholds, override_threshold, set_neuron_kernel
+from sddpm.snn import get_thresholds, override_threshold, set_neuron_kernel
 
 MAX_FLIPPED_ELEMENTS = 0
 ATOL = 1e-5
-
-
-@pytest.fixture(params=KERNELS)
-def kernel(request, monkeypatch):
-    """Every neuron kernel; ``triton`` runs on the CPU under Triton's interpreter."""
-    if request.param == "triton":
-        pytest.importorskip("triton")
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        from sddpm.snn import triton_neuron
-
-        # the interpreter runs the programs one by one: few wide ones are faster
-        monkeypatch.setattr(triton_neuron, "BLOCK", 1 << 16)
-    return request.param
 
 
 def assert_output_matches(ours: torch.Tensor, ref: torch.Tensor) -> None:

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from sddpm.compat import from_published, to_published
 from sddpm.models import UNetConfig, build_model, fold_batchnorm
 from sddpm.models.tsm import TSMConv2d, TSMSpikeConv2d, tsm_scale_layers
-from sddpm.snn import KERNELS, override_threshold, set_neuron_kernel
+from sddpm.snn import override_threshold, set_neuron_kernel
 
 from .test_reference_vectors import assert_output_matches
 
@@ -75,7 +75,6 @@ def test_scales_matter(tsm_model, tsm_reference):
     assert (out - t["output.eval"]).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
 def test_eval_output_with_threshold_guidance(tsm_model, tsm_reference, kernel):
     t, meta = tsm_reference
     assert '"threshold_scale": 1.1' in meta["config"]
@@ -86,7 +85,6 @@ def test_eval_output_with_threshold_guidance(tsm_model, tsm_reference, kernel):
     assert (t["output.eval_threshold_scaled"] - t["output.eval"]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
 def test_train_output_and_every_gradient(tsm_model, tsm_reference, kernel):
     t, _ = tsm_reference
     model = tsm_model.train()

@@ -21,7 +21,9 @@ def models_command() -> None:
     for name, cfg in PRESETS.items():
         with torch.device("meta"):
             n = count_parameters(build_model(cfg))
-        shape = f"{cfg.image_channels}x{cfg.image_size}x{cfg.image_size}"
+        shape = f"{cfg.image_channels}x{cfg.image_size}x{cfg.image_size}" + (
+            f", {cfg.num_classes} classes" if cfg.num_classes else ""
+        )
         rows.append([name, f"{n:,}", shape, str(cfg.snn_timesteps)])
     print_table(["preset", "parameters", "image (CxHxW)", "SNN steps"], rows)
 

@@ -3,6 +3,9 @@
 - :func:`build_dataset` builds any registered dataset (:data:`DATASETS`): ``digits`` (bundled,
   8x8), ``mnist`` and ``fashion-mnist`` (idx files, resized to 32), ``cifar10`` (python batches),
   ``celeba64`` (aligned CelebA, crop 148, resize 64) and ``folder`` (any image folder).
+- Labels for class-conditional models: ``build_dataset(..., with_labels=True)`` yields
+  ``(image, label)`` pairs; :attr:`ImageDataset.labels`, ``class_names`` and ``num_classes``;
+  :func:`check_num_classes` checks a model's class count against the data (CelebA has none).
 - :func:`download` fetches MNIST, Fashion-MNIST and CIFAR-10 with checksum checks.
 - :class:`ShardedInfiniteSampler` and :class:`BatchIterator` feed the training loop an endless,
   DDP-sharded, exactly resumable stream of batches ``[B, C, H, W]``.
@@ -23,6 +26,7 @@ from .datasets import (
     TensorImageDataset,
     list_image_files,
     read_cifar_batch,
+    read_cifar_batch_with_labels,
     read_idx,
 )
 from .downloads import RESOURCES, Resource, download, fetch_file, file_checksum
@@ -32,6 +36,7 @@ from .registry import (
     DatasetInfo,
     build_dataset,
     canonical_name,
+    check_num_classes,
     dataset_info,
     default_data_root,
     list_datasets,
@@ -60,6 +65,7 @@ __all__ = [
     "TensorImageDataset",
     "build_dataset",
     "canonical_name",
+    "check_num_classes",
     "center_crop",
     "center_crop_box",
     "dataset_info",
@@ -71,6 +77,7 @@ __all__ = [
     "list_datasets",
     "list_image_files",
     "read_cifar_batch",
+    "read_cifar_batch_with_labels",
     "read_idx",
     "resize",
     "uint8_to_signed",

@@ -9,6 +9,12 @@ Random horizontal flips are a pure function of ``(seed, epoch, index)``: index a
 ``int`` (the epoch set by :meth:`ImageDataset.set_epoch` is used) or with an ``(index, epoch)``
 pair, which is what :class:`sddpm.data.BatchIterator` passes, so data-loader workers never need
 to be told the epoch.
+
+Class labels (for class-conditional models): every dataset but CelebA has them.
+:attr:`ImageDataset.labels` (int64 ``[N]``), :attr:`~ImageDataset.class_names` (label ``k`` is
+``class_names[k]``) and :attr:`~ImageDataset.num_classes` read them on first use; after
+:meth:`ImageDataset.with_labels` items are ``(image, label)`` pairs. Unconditional callers see
+no change: images only, and no label file is opened.
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 class ImageDataset(torch.utils.data.Dataset):
     """Base class: a map-style dataset of images ``[C, H, W]`` float32 in [-1, 1].
 
-    Subclasses implement ``__len__`` and ``_load(index, flip) -> Tensor``.
+    Subclasses implement ``__len__`` and ``_load(index, flip) -> Tensor``, and, when the data
+    has classes, ``_read_labels() -> (labels [N], class_names, source)``.
 
     Attributes:
         name: registry name (``"mnist"``, ...).
@@ -50,6 +57,7 @@ class ImageDataset(torch.utils.data.Dataset):
         hflip: whether items are randomly mirrored (decided by ``(seed, epoch, index)``).
         seed: the seed of the flip decisions.
         epoch: the epoch used when the dataset is indexed with a plain ``int``.
+        yields_labels: whether items are ``(image, label)`` pairs (see :meth:`with_labels`).
     """
 
     name: str = "images"
@@ -60,12 +68,78 @@ class ImageDataset(torch.utils.data.Dataset):
         self.hflip = bool(hflip)
         self.seed = int(seed)
         self.epoch = 0
+        self.yields_labels = False
+        self._label_info: tuple[torch.Tensor, tuple[str, ...]] | None = None
 
     def __len__(self) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _load(self, index: int, flip: bool) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _read_labels(self) -> tuple[np.ndarray | torch.Tensor, Sequence[str], str]:
+        """``(labels [N] integers, class names, where they came from)``; raises
+        :class:`DatasetError` when the data has no classes."""
+        raise DatasetError(
+            f"{self.name} has no class labels: train it unconditionally (num_classes=0), or use "
+            "a labelled dataset (digits, mnist, fashion-mnist, cifar10, or a folder with one "
+            "subfolder per class)"
+        )
+
+    def _labelled(self) -> tuple[torch.Tensor, tuple[str, ...]]:
+        if self._label_info is None:
+            labels, names, source = self._read_labels()
+            labels = torch.as_tensor(np.asarray(labels))
+            names = tuple(str(n) for n in names)
+            if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.ndim != 1:
+                raise DatasetError(
+                    f"{source}: labels must be 1-D integers, got {labels.dtype} "
+                    f"{tuple(labels.shape)}"
+                )
+            if labels.shape[0] != len(self):
+                raise DatasetError(
+                    f"{source} holds {labels.shape[0]} labels for {len(self)} images; the label "
+                    f"and image files do not belong together"
+                )
+            labels = labels.to(torch.int64)
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= len(names)):
+                raise DatasetError(
+                    f"{source} holds labels {int(labels.min())}..{int(labels.max())}, expected "
+                    f"0..{len(names) - 1} ({len(names)} classes); the file is corrupt"
+                )
+            self._label_info = (labels, names)
+        return self._label_info
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """The class of every image, int64 ``[N]`` in ``0..num_classes - 1`` (read on first
+        use). Raises :class:`DatasetError` if the data has no classes or the labels are
+        missing or corrupt."""
+        return self._labelled()[0]
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The name of every class: label ``k`` is ``class_names[k]``."""
+        return self._labelled()[1]
+
+    @property
+    def num_classes(self) -> int:
+        """The number of classes (a model for this data takes ``num_classes`` of them)."""
+        return len(self.class_names)
+
+    @property
+    def class_to_index(self) -> dict[str, int]:
+        """``{class name: label}``, e.g. for a run config to record the mapping."""
+        return {n: i for i, n in enumerate(self.class_names)}
+
+    def with_labels(self, enabled: bool = True) -> ImageDataset:
+        """Make items ``(image, label)`` pairs (``label`` a 0-dim int64 tensor), or back to
+        images with ``enabled=False``; returns the dataset. Reads and checks the labels now,
+        so a dataset without classes fails here, before any training."""
+        if enabled:
+            self._labelled()
+        self.yields_labels = bool(enabled)
+        return self
 
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch whose flip decisions plain ``int`` indexing uses."""
@@ -77,8 +151,11 @@ class ImageDataset(torch.utils.data.Dataset):
             return False
         return flip_decision(self.seed, self.epoch if epoch is None else int(epoch), int(index))
 
-    def __getitem__(self, key: int | tuple[int, int]) -> torch.Tensor:
-        """``dataset[i]`` or ``dataset[(i, epoch)]`` -> float32 ``[C, H, W]`` in [-1, 1]."""
+    def __getitem__(
+        self, key: int | tuple[int, int]
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``dataset[i]`` or ``dataset[(i, epoch)]`` -> float32 ``[C, H, W]`` in [-1, 1]
+        (``(image, label)`` after :meth:`with_labels`)."""
         if isinstance(key, tuple):
             index, epoch = key
         else:
@@ -89,7 +166,10 @@ class ImageDataset(torch.utils.data.Dataset):
             index += n
         if not 0 <= index < n:
             raise IndexError(f"index {key} out of range for {self.name} dataset of {n} images")
-        return self._load(index, self.is_flipped(index, epoch))
+        image = self._load(index, self.is_flipped(index, epoch))
+        if self.yields_labels:
+            return image, self.labels[index]
+        return image
 
     def __repr__(self) -> str:
         return (
@@ -99,10 +179,18 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 class TensorImageDataset(ImageDataset):
-    """Images held in memory as a uint8 tensor ``[N, C, H, W]``, already resized."""
+    """Images held in memory as a uint8 tensor ``[N, C, H, W]``, already resized; optionally
+    with their ``labels [N]`` and ``class_names``."""
 
     def __init__(
-        self, images: np.ndarray | torch.Tensor, *, name: str, hflip: bool, seed: int
+        self,
+        images: np.ndarray | torch.Tensor,
+        *,
+        name: str,
+        hflip: bool,
+        seed: int,
+        labels: np.ndarray | torch.Tensor | None = None,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         images = torch.as_tensor(images)
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != images.shape[-2]:
@@ -114,6 +202,9 @@ class TensorImageDataset(ImageDataset):
         )
         self.name = name
         self.images = images
+        if (labels is None) != (class_names is None):
+            raise ValueError("give both labels and class_names, or neither")
+        self._given_labels = None if labels is None else (labels, tuple(class_names))
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -122,9 +213,18 @@ class TensorImageDataset(ImageDataset):
         x = uint8_to_signed(self.images[index])
         return mirror(x) if flip else x
 
+    def _read_labels(self):
+        if self._given_labels is None:
+            return super()._read_labels()
+        labels, names = self._given_labels
+        return labels, names, f"{self.name} labels"
+
 
 # ----------------------------------------------------------------------------------------------
 # digits
+
+
+DIGIT_CLASSES = tuple(str(d) for d in range(10))
 
 
 class DigitsDataset(ImageDataset):
@@ -141,7 +241,9 @@ class DigitsDataset(ImageDataset):
         from sklearn.datasets import load_digits
 
         super().__init__(channels=1, image_size=image_size, hflip=hflip, seed=seed)
-        raw = load_digits().images  # float64 [1797, 8, 8], values 0..16
+        digits = load_digits()
+        raw = digits.images  # float64 [1797, 8, 8], values 0..16
+        self.targets = np.asarray(digits.target)  # the digit 0..9 of every image
         x = torch.from_numpy(raw).to(torch.float32).div(8.0).sub(1.0).unsqueeze(1)
         if self.image_size != 8:
             x = F.interpolate(
@@ -159,6 +261,9 @@ class DigitsDataset(ImageDataset):
     def _load(self, index: int, flip: bool) -> torch.Tensor:
         x = self.images[index].clone()
         return mirror(x) if flip else x
+
+    def _read_labels(self):
+        return self.targets, DIGIT_CLASSES, "sklearn digits targets"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,6 +327,11 @@ def read_idx(path: str | os.PathLike, expect_magic: int | None = None) -> np.nda
     return arr.astype(dtype.newbyteorder("="), copy=True)
 
 
+FASHION_MNIST_CLASSES = tuple(
+    "T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,Shirt,Sneaker,Bag,Ankle boot".split(",")
+)
+
+
 def find_file(names: Sequence[str], folders: Sequence[Path]) -> Path | None:
     """The first existing ``folder / name`` (folders outer, names inner), else ``None``."""
     for folder in folders:
@@ -242,8 +352,15 @@ class IdxDataset(TensorImageDataset):
     Looks for ``train-images-idx3-ubyte`` (``t10k-images-idx3-ubyte`` when ``train=False``),
     plain or ``.gz``, in ``root/<folder>``, ``root``, and torchvision's ``root/<Name>/raw``.
     Images (28x28 uint8) are resized to ``image_size`` (default 32) with PIL bilinear, the
-    published ``Resize((32, 32))``; no flips by default.
+    published ``Resize((32, 32))``; no flips by default. The labels come from the matching
+    ``train-labels-idx1-ubyte`` / ``t10k-labels-idx1-ubyte`` (plain or ``.gz``, beside the
+    images first), read only when asked for.
     """
+
+    CLASSES = {
+        "mnist": DIGIT_CLASSES,
+        "fashion-mnist": FASHION_MNIST_CLASSES,
+    }
 
     FOLDERS = {
         "mnist": ("mnist", "MNIST/raw"),
@@ -283,6 +400,22 @@ class IdxDataset(TensorImageDataset):
         images = resize_uint8(raw[:, None], int(image_size))
         super().__init__(images, name=name, hflip=hflip, seed=seed)
         self.path = path
+        self.label_stem = stem.replace("images-idx3", "labels-idx1")
+        self.label_folders = list(dict.fromkeys([path.parent, *folders]))
+
+    def _read_labels(self):
+        stem = self.label_stem
+        path = find_file([stem, stem + ".gz"], self.label_folders)
+        if path is None:
+            raise DatasetError(
+                f"{self.name}: the labels file {stem} (or {stem}.gz) is missing from "
+                f"{_fmt_folders(self.label_folders)}; it is needed for class labels. Run with "
+                f"the --download flag, or fetch {stem}.gz from {self.URLS[self.name]} into "
+                f"{self.path.parent}."
+            )
+        # magic 2049: unsigned bytes, 1-D (read_idx refuses anything else)
+        labels = read_idx(path, expect_magic=IDX_LABELS_MAGIC)
+        return labels, self.CLASSES[self.name], str(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,12 +427,21 @@ CIFAR10_TEST_BATCHES = ("test_batch",)
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
 
+CIFAR10_CLASSES = tuple("airplane automobile bird cat deer dog frog horse ship truck".split())
+
+
 def read_cifar_batch(path: str | os.PathLike) -> np.ndarray:
     """One CIFAR python batch -> uint8 ``[N, 3, 32, 32]`` (from ``b'data'``, rows R, G, B planes).
 
     The batches are Python pickles: only read files you trust (the official archive is
     checksum-verified by :func:`sddpm.data.download`).
     """
+    return read_cifar_batch_with_labels(path)[0]
+
+
+def read_cifar_batch_with_labels(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
+    """One CIFAR python batch -> (uint8 ``[N, 3, 32, 32]``, int64 labels ``[N]`` from
+    ``b'labels'``, or ``None`` when the batch has no such entry)."""
     path = Path(path)
     fix = f"Delete {path.parent} and run with the --download flag to fetch it again."
     try:
@@ -320,7 +462,16 @@ def read_cifar_batch(path: str | os.PathLike) -> np.ndarray:
             f"CIFAR batch {path}: b'data' is {data.dtype} {data.shape}, expected uint8 "
             f"[N, 3072]. {fix}"
         )
-    return data.reshape(-1, 3, 32, 32)
+    labels = batch.get(b"labels", batch.get("labels"))
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.dtype.kind not in "iu" or labels.shape != (data.shape[0],):
+            raise DatasetError(
+                f"CIFAR batch {path}: b'labels' is {labels.dtype} {labels.shape}, expected "
+                f"{data.shape[0]} integers. {fix}"
+            )
+        labels = labels.astype(np.int64)
+    return data.reshape(-1, 3, 32, 32), labels
 
 
 class Cifar10Dataset(TensorImageDataset):
@@ -352,10 +503,21 @@ class Cifar10Dataset(TensorImageDataset):
                 f"(or call sddpm.data.download('cifar10', {str(root)!r})), or download "
                 f"{CIFAR10_URL} and extract it in {root}."
             )
-        images = np.concatenate([read_cifar_batch(folder / n) for n in names])
-        images = resize_uint8(images, int(image_size))
+        batches = [read_cifar_batch_with_labels(folder / n) for n in names]
+        images = resize_uint8(np.concatenate([b[0] for b in batches]), int(image_size))
         super().__init__(images, name=self.name, hflip=hflip, seed=seed)
         self.folder = folder
+        self._batch_labels = [(folder / n, b[1]) for n, b in zip(names, batches, strict=True)]
+
+    def _read_labels(self):
+        missing = [str(p) for p, labels in self._batch_labels if labels is None]
+        if missing:
+            raise DatasetError(
+                f"cifar10: {', '.join(missing)} has no b'labels' entry, so there are no class "
+                f"labels; delete {self.folder} and run with the --download flag."
+            )
+        labels = np.concatenate([labels for _, labels in self._batch_labels])
+        return labels, CIFAR10_CLASSES, str(self.folder)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,6 +547,10 @@ class ImageFolderDataset(ImageDataset):
     Each image is converted to RGB (``channels=3``) or grayscale (``channels=1``), optionally
     mirrored, centre-cropped (to ``crop``, or to the largest square when ``crop`` is None) and
     resized to ``image_size`` with PIL bilinear.
+
+    Class labels (asked for only by a conditional model): one subfolder of ``root`` per class,
+    holding that class's images (at any depth); labels follow the sorted folder names
+    (:attr:`class_names`, :attr:`class_to_index`).
     """
 
     name = "folder"
@@ -420,6 +586,29 @@ class ImageFolderDataset(ImageDataset):
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def _read_labels(self):
+        layout = (
+            f"class labels of a folder dataset need one subfolder of {self.root} per class "
+            "(e.g. root/cat/*.png, root/dog/*.png)"
+        )
+        class_of: list[str] = []
+        for f in self.files:
+            parts = Path(f).relative_to(self.root).parts
+            if len(parts) < 2:
+                raise DatasetError(f"{layout}; {f} is not inside a class subfolder. Move it.")
+            class_of.append(parts[0])
+        folders = sorted(
+            d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith(".")
+        )
+        empty = sorted(set(folders) - set(class_of))
+        if empty:
+            raise DatasetError(
+                f"{layout}; the class folder(s) {', '.join(empty)} hold no images "
+                f"({', '.join(IMAGE_EXTENSIONS)}). Add images or remove the folder(s)."
+            )
+        index = {name: i for i, name in enumerate(folders)}
+        return np.array([index[c] for c in class_of], dtype=np.int64), folders, str(self.root)
 
     def _load(self, index: int, flip: bool) -> torch.Tensor:
         path = self.files[index]
@@ -484,4 +673,10 @@ class CelebA64Dataset(ImageFolderDataset):
             seed=seed,
             crop=CELEBA_CROP,
             files=files,
+        )
+
+    def _read_labels(self):
+        raise DatasetError(
+            "celeba64 has no class labels (CelebA's annotations are 40 binary attributes and "
+            "identities, not classes): train it unconditionally (num_classes=0)"
         )

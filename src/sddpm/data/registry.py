@@ -31,6 +31,8 @@ class DatasetInfo:
         downloadable: whether :func:`sddpm.data.download` can fetch it.
         needs_root: whether a data folder is required (``digits`` is bundled).
         description: one line for ``--help`` and listings.
+        num_classes: its number of classes; 0: no class labels (CelebA); ``None``: depends on
+            the data (``folder``: one class per subfolder).
     """
 
     name: str
@@ -40,6 +42,7 @@ class DatasetInfo:
     downloadable: bool
     needs_root: bool
     description: str
+    num_classes: int | None
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -53,9 +56,17 @@ DATASETS: dict[str, DatasetInfo] = {
             False,
             False,
             "scikit-learn's bundled 8x8 digits, 1,797 images, no download",
+            num_classes=10,
         ),
         DatasetInfo(
-            "mnist", 1, 32, False, True, True, "MNIST idx files, 28x28 resized to 32x32 (bilinear)"
+            "mnist",
+            1,
+            32,
+            False,
+            True,
+            True,
+            "MNIST idx files, 28x28 resized to 32x32 (bilinear)",
+            num_classes=10,
         ),
         DatasetInfo(
             "fashion-mnist",
@@ -65,6 +76,7 @@ DATASETS: dict[str, DatasetInfo] = {
             True,
             True,
             "Fashion-MNIST idx files, 28x28 resized to 32x32 (bilinear)",
+            num_classes=10,
         ),
         DatasetInfo(
             "cifar10",
@@ -74,6 +86,7 @@ DATASETS: dict[str, DatasetInfo] = {
             True,
             True,
             "CIFAR-10 python batches, 32x32, random horizontal flips",
+            num_classes=10,
         ),
         DatasetInfo(
             "celeba64",
@@ -83,6 +96,7 @@ DATASETS: dict[str, DatasetInfo] = {
             False,
             True,
             "aligned CelebA, centre crop 148 then resize 64, random horizontal flips",
+            num_classes=0,
         ),
         DatasetInfo(
             "folder",
@@ -92,6 +106,7 @@ DATASETS: dict[str, DatasetInfo] = {
             False,
             True,
             "any folder of png/jpg/jpeg/webp/bmp images, centre square crop + resize",
+            num_classes=None,
         ),
     )
 }
@@ -141,6 +156,7 @@ def build_dataset(
     download: bool = False,
     seed: int = 0,
     channels: int | None = None,
+    with_labels: bool = False,
 ) -> ImageDataset:
     """Build a registered dataset: items are float32 ``[C, image_size, image_size]`` in [-1, 1].
 
@@ -157,6 +173,9 @@ def build_dataset(
         seed: the seed of the flip decisions (use the training seed).
         channels: ``folder`` only: 3 (RGB) or 1 (grayscale); for the others, if given, it must
             match the registry.
+        with_labels: items are ``(image, label)`` pairs (see
+            :meth:`ImageDataset.with_labels`); the labels are read and checked now. CelebA
+            has none: a :class:`DatasetError` says so.
 
     Raises:
         DatasetError: files missing or corrupt (the message says which and how to fix it).
@@ -193,9 +212,25 @@ def build_dataset(
 
     if download and info.downloadable:
         try:
-            return make()
+            return make().with_labels(with_labels)
         except DatasetError:
             from .downloads import download as fetch
 
             fetch(name, data_root)
-    return make()
+    return make().with_labels(with_labels)
+
+
+def check_num_classes(dataset: ImageDataset, num_classes: int) -> None:
+    """Raise :class:`DatasetError` unless a model of ``num_classes`` classes fits ``dataset``.
+
+    ``num_classes=0`` (unconditional) fits every dataset; ``N > 0`` needs a dataset with labels
+    and exactly ``N`` classes. Call it before training (it reads the labels)."""
+    if num_classes == 0:
+        return
+    found = dataset.num_classes  # raises for a dataset without classes
+    if found != num_classes:
+        raise DatasetError(
+            f"num_classes={num_classes} does not match the {found} classes of {dataset.name} "
+            f"({', '.join(dataset.class_names[:10])}{', ...' if found > 10 else ''}); "
+            f"set num_classes={found}"
+        )

@@ -199,7 +199,9 @@ class _BatchStream(torch.utils.data.Sampler):
 
 
 class BatchIterator:
-    """Endless batches ``[B, C, H, W]`` of a dataset in the order of a sampler, resumable.
+    """Endless batches ``[B, C, H, W]`` of a dataset in the order of a sampler, resumable; for a
+    dataset whose items are ``(image, label)`` pairs (:meth:`ImageDataset.with_labels`), batches
+    are ``(images [B, C, H, W], labels [B] int64)``.
 
     Each item is fetched as ``dataset[(index, epoch)]`` for :class:`ImageDataset` (so flips are
     decided by ``(seed, epoch, index)`` in any worker), else ``dataset[index]``. Batches run
@@ -246,16 +248,20 @@ class BatchIterator:
     def __iter__(self) -> BatchIterator:
         return self
 
-    def __next__(self) -> torch.Tensor:
+    def __next__(self) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if self.num_workers == 0:
             keys = self.sampler.take(self.batch_size)
-            batch = torch.stack([self.dataset[self._key(i, e)] for i, e in keys])
+            items = [self.dataset[self._key(i, e)] for i, e in keys]
+            if isinstance(items[0], tuple):  # (image, label) pairs
+                batch = tuple(torch.stack(column) for column in zip(*items, strict=True))
+                return tuple(b.pin_memory() for b in batch) if self.pin_memory else batch
+            batch = torch.stack(items)
             return batch.pin_memory() if self.pin_memory else batch
         if self._loader_iter is None:
             self._loader_iter = iter(self._make_loader())
         batch = next(self._loader_iter)
         self.sampler.advance(self.batch_size)
-        return batch
+        return tuple(batch) if isinstance(batch, list) else batch  # default collate: a list
 
     def _make_loader(self) -> torch.utils.data.DataLoader:
         kwargs: dict[str, Any] = {}

@@ -14,6 +14,13 @@ from .analytic import (
 from .ddim import ddim_sample, ddim_step
 from .ddpm import ddpm_sample, ddpm_step_mean_logvar
 from .dpm_solver import dpm_solver_pp_step, dpm_solver_sample
+from .guidance import (
+    GuidedModel,
+    check_guidance,
+    cycle_labels,
+    drop_labels,
+    label_dropout_generator,
+)
 from .loss import (
     PREDICTIONS,
     draw_t_and_noise,
@@ -34,6 +41,7 @@ __all__ = [
     "DEFAULT_SPACING",
     "DEFAULT_STEPS",
     "EXECUTION_FIELDS",
+    "GuidedModel",
     "NoiseSchedule",
     "OptionError",
     "PREDICTIONS",
@@ -43,6 +51,8 @@ __all__ = [
     "SPACINGS",
     "SamplingOptions",
     "analytic_sample",
+    "check_guidance",
+    "cycle_labels",
     "ddim_sample",
     "ddim_step",
     "ddpm_sample",
@@ -50,9 +60,11 @@ __all__ = [
     "dpm_solver_pp_step",
     "dpm_solver_sample",
     "draw_t_and_noise",
+    "drop_labels",
     "estimate_eps_moments",
     "image_seed",
     "initial_noise",
+    "label_dropout_generator",
     "load_moments",
     "loss_map",
     "output_to_eps",

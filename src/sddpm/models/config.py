@@ -46,6 +46,7 @@ class UNetConfig:
     output_decay: float = 0.8  # output = sum_i output_decay^(S-1-i) * h_i
     neuron: NeuronConfig = field(default_factory=NeuronConfig)
     tsm: bool = False  # SDM's temporal-wise spiking mechanism (per-step conv output scales)
+    num_classes: int = 0  # 0: unconditional; N: labels 0..N-1 plus the null class N
 
     def __post_init__(self) -> None:
         if isinstance(self.channel_mult, list):
@@ -60,6 +61,10 @@ class UNetConfig:
         for name in ("image_channels", "channels", "num_res_blocks", "snn_timesteps"):
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool):
+            problems.append(f"num_classes must be an integer >= 0, got {self.num_classes!r}")
+        elif self.num_classes < 0:
+            problems.append(f"num_classes must be >= 0 (0: unconditional), got {self.num_classes}")
         if self.channels % 2:
             problems.append(f"channels must be even (sinusoidal embedding), got {self.channels}")
         if not self.channel_mult or any(int(m) < 1 for m in self.channel_mult):
@@ -89,6 +94,12 @@ class UNetConfig:
     @property
     def time_embed_dim(self) -> int:
         return 4 * self.channels
+
+    @property
+    def null_class(self) -> int | None:
+        """The label of the "null" (unconditional) class, ``num_classes``; ``None`` for an
+        unconditional model."""
+        return self.num_classes if self.num_classes > 0 else None
 
     @property
     def effective_timesteps(self) -> int:

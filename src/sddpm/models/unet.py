@@ -20,6 +20,7 @@ from torch import nn
 
 from ..snn import SpikeConv2d, SpikingNeuron, Surrogate
 from .config import UNetConfig
+from .labels import check_label_tensor, check_label_values
 from .tsm import TSM_CONVS, add_step_scales
 
 
@@ -204,7 +205,11 @@ class Head(nn.Module):
 
 
 class UNet(nn.Module):
-    """The SDDPM U-Net: ``model(x_t [B,C,H,W], t [B] int) -> eps [B,C,H,W]``.
+    """The SDDPM U-Net: ``model(x_t [B,C,H,W], t [B] int, y=None) -> eps [B,C,H,W]``.
+
+    A class-conditional model (``config.num_classes = N > 0``) adds a learned class embedding
+    (``class_embed``, ``N + 1`` rows of width ``4 ch``; row ``N`` is the null class) to the time
+    embedding; ``y [B]`` int64 in ``0..N``, ``None`` meaning the null class for every image.
 
     Build it with :func:`sddpm.models.build_model` (or :class:`SpikingUNet` / :class:`ANNUNet`).
 
@@ -254,6 +259,10 @@ class UNet(nn.Module):
         self.head = Head(now, c.image_channels, c.output_decay)
         if c.tsm:
             add_step_scales(self, c.snn_timesteps)
+        # Built last, so the other parameters draw the same initial values as the unconditional
+        # model's under the same seed; absent when unconditional (published state_dict keys).
+        if c.num_classes > 0:
+            self.class_embed = nn.Embedding(c.num_classes + 1, tdim)
 
     def _neuron_factory(self):
         c = self.config
@@ -280,8 +289,12 @@ class UNet(nn.Module):
         """SNN time steps this network runs (1 for the ANN twin)."""
         return self.config.effective_timesteps
 
-    def validate_input(self, x: torch.Tensor, t: torch.Tensor | None = None) -> None:
-        """Raise ``ValueError`` naming what is allowed if ``x`` (and ``t``) cannot be processed."""
+    def validate_input(
+        self, x: torch.Tensor, t: torch.Tensor | None = None, y: torch.Tensor | None = None
+    ) -> None:
+        """Raise ``ValueError`` naming what is allowed if ``x`` (and ``t``, ``y``) cannot be
+        processed. Values of ``t`` and ``y`` are checked for CPU tensors only (no device sync);
+        check labels on the host with :func:`sddpm.models.check_labels`."""
         c = self.config
         m = c.size_multiple
         if x.dim() != 4:
@@ -315,10 +328,20 @@ class UNet(nn.Module):
                     f"t must be in [0, {c.diffusion_steps - 1}], got values "
                     f"{int(t.min())}..{int(t.max())}"
                 )
+        if y is not None:
+            check_label_tensor(y, x.shape[0], c.num_classes)
+            if y.device.type == "cpu" and not torch.compiler.is_compiling():
+                check_label_values(y, c.num_classes)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        self.validate_input(x, t)
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        self.validate_input(x, t, y)
         temb = self.time_embed(t)
+        if self.config.num_classes > 0:
+            if y is None:
+                y = torch.full_like(t, self.config.num_classes, dtype=torch.int64)
+            temb = temb + self.class_embed(y.to(torch.int64))
         steps = self.time_steps
         h = self.stem(x, steps)
         skips = [h]
