@@ -671,7 +671,7 @@ class Trainer:
             if self.logger is not None:
                 self.logger.close()
             self.batches.close()
-        if self.stop.requested:
+        if self.stop.requested and self.step < tcfg.total_steps:  # (not when it just finished)
             raise TrainingStopped(self.stop.name, self.step, self.last_ckpt, self.run_dir)
         if ctx.is_main and self.progress and self.step > self.start_step:
             tqdm.write(
