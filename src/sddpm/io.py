@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -57,6 +58,31 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory beside ``path``; on success it replaces ``path``.
+
+    The directory counterpart of :func:`atomic_path`: files written inside (with
+    :func:`atomic_path`, or fsynced by the caller) appear at ``path`` all at once. The
+    temporary directory is fsynced before the rename and the parent after it; an existing
+    ``path`` is removed just before the rename. If the block raises, the temporary directory
+    is removed and ``path`` is untouched. Temporary names start with ``.NAME.`` and end in
+    ``.tmp``, so a reader skips them and a cleanup can find what a killed writer left."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        fsync_path(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        fsync_path(path.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     with atomic_path(path) as tmp:
@@ -102,9 +128,7 @@ def load_torch_file(path: str | os.PathLike) -> Any:
                 f"{path} holds pickled Python objects (torch.load(weights_only=True) refused "
                 "them), which sddpm never unpickles"
             ) from None
-        raise UnreadableFileError(
-            path, f"{path} is corrupt or not a torch file"
-        ) from None
+        raise UnreadableFileError(path, f"{path} is corrupt or not a torch file") from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, IndexError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UnreadableFileError(
