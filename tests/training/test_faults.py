@@ -243,3 +243,23 @@ def test_init_from_keeps_the_init_of_entries_the_new_config_adds_only(tmp_path, 
     (ckpt / "manifest.json").unlink()
     with pytest.raises(ValueError, match=r"missing keys: .*head\.conv\.weight"):
         trainer.init_from(tmp_path / "src")
+
+
+def test_a_non_finite_loss_between_syncs_is_reported_at_its_own_step(tmp_path, tiny, monkeypatch):
+    real = loop_module.training_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("inf") if calls["n"] == 5 else loss  # the 5th update
+
+    monkeypatch.setattr(loop_module, "training_loss", poisoned)
+    run = tmp_path / "run"
+    config = tiny("total_steps=12", "log_every=4", "checkpoint_every=3", "keep_last=0")
+    with pytest.raises(loop_module.NonFiniteLossError, match="at step 5") as err:
+        train(config, run, progress=False)
+    # found at the checkpoint step 6 (the first read-back after it), before writing it
+    assert err.value.step == 5 and err.value.loss == float("inf")
+    assert err.value.checkpoint == run / "checkpoints" / "step_00000003"
+    assert [p.name for p in resumable_checkpoints(run)] == ["step_00000003"]
