@@ -57,3 +57,19 @@ def test_pickled_objects_are_told_apart_from_corruption(tmp_path):
     torch.save({"args": argparse.Namespace(lr=1.0)}, path)
     with pytest.raises(io.PickledObjectsError, match="pickled Python objects"):
         io.load_torch_file(path)
+
+
+def test_atomic_dir_replaces_a_directory_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "ckpt"
+    with io.atomic_dir(target) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".ckpt.")
+        (tmp / "a").write_text("1")
+    assert [p.name for p in target.iterdir()] == ["a"]
+    with pytest.raises(OSError), io.atomic_dir(target) as tmp:
+        (tmp / "b").write_text("2")
+        raise OSError(28, "No space left on device")
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary left
+    assert [p.name for p in target.iterdir()] == ["a"]  # the old content, untouched
+    with io.atomic_dir(target) as tmp:
+        (tmp / "c").write_text("3")
+    assert [p.name for p in target.iterdir()] == ["c"]

@@ -37,7 +37,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +48,14 @@ from safetensors.torch import load_file
 
 from .config import RUN_FORMAT, RUN_VERSION, RunConfig
 from .diffusion.schedule import NoiseSchedule
-from .io import UnreadableFileError, fsync_path, load_torch_file, sha256_file, write_json
+from .io import (
+    UnreadableFileError,
+    atomic_dir,
+    fsync_path,
+    load_torch_file,
+    sha256_file,
+    write_json,
+)
 from .models.checkpoint import (
     CONFIG_NAME,
     WEIGHT_FILES,
@@ -231,26 +237,16 @@ def save_checkpoint(
     ``diffusion`` section of ``schedule`` and ``prediction`` and any ``extra`` sections in its
     ``config.json``) plus ``training_state.pt`` and, last, ``manifest.json``.
     """
-    root = Path(run_dir) / CHECKPOINTS_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / step_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
+    final = Path(run_dir) / CHECKPOINTS_DIR / step_name(step)
     sections = dict(extra or {})
     if schedule is not None:
         sections["diffusion"] = diffusion_section(schedule, prediction)
-    try:
+    # (a step is saved twice only by a run resumed from an older checkpoint than its newest)
+    with atomic_dir(final) as tmp:
         torch.save(training_state, tmp / TRAINING_STATE_NAME)
         fsync_path(tmp / TRAINING_STATE_NAME)
         save_pretrained(model, tmp, ema_state=ema_state, extra=sections)
         _write_manifest(tmp)
-        fsync_path(tmp)
-        if final.exists():  # only when a step is saved twice (never in a normal run)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_path(root)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from sddpm.cli import app
@@ -209,3 +210,56 @@ def test_cli_says_how_to_resume_after_sigterm(tmp_path, tiny, monkeypatch):
     assert result.exit_code == 128 + signal.SIGTERM, result.output
     assert f"resume with: sddpm train --resume {run}" in result.output
     assert [p.name for p in resumable_checkpoints(run)] == ["step_00000002"]
+
+
+def test_init_from_keeps_the_init_of_entries_the_new_config_adds_only(tmp_path, tiny, monkeypatch):
+    train(tiny("total_steps=2"), tmp_path / "src", progress=False)
+    ckpt = find_model_dir(tmp_path / "src")
+    ema = load_file(str(ckpt / "ema.safetensors"))
+    real_build = loop_module.build_model
+    adds = {"on": True}
+
+    def build(config):  # stands in for a config field that adds parameters (e.g. TSM scales)
+        model = real_build(config)
+        if adds["on"]:
+            model.register_parameter("new_scale", torch.nn.Parameter(torch.full((3,), 0.5)))
+        return model
+
+    monkeypatch.setattr(loop_module, "build_model", build)
+    config = tiny("total_steps=1", f"init_from={tmp_path / 'src'}")
+    trainer = Trainer(config, tmp_path / "new", loop_module.DistContext(), progress=False)
+    trainer.setup()
+    adds["on"] = False  # the source's own config builds no new_scale
+    assert trainer.init_from(tmp_path / "src") == ["new_scale"]
+    state = trainer.model.state_dict()
+    assert torch.equal(state["new_scale"], torch.full((3,), 0.5))  # kept its init
+    for k, v in ema.items():
+        assert torch.equal(state[k], v), k
+
+    # an entry the source's config does have, missing from its weights, is an error
+    adds["on"] = True
+    del ema["head.conv.weight"]
+    save_file(ema, str(ckpt / "ema.safetensors"))
+    (ckpt / "manifest.json").unlink()
+    with pytest.raises(ValueError, match=r"missing keys: .*head\.conv\.weight"):
+        trainer.init_from(tmp_path / "src")
+
+
+def test_a_non_finite_loss_between_syncs_is_reported_at_its_own_step(tmp_path, tiny, monkeypatch):
+    real = loop_module.training_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("inf") if calls["n"] == 5 else loss  # the 5th update
+
+    monkeypatch.setattr(loop_module, "training_loss", poisoned)
+    run = tmp_path / "run"
+    config = tiny("total_steps=12", "log_every=4", "checkpoint_every=3", "keep_last=0")
+    with pytest.raises(loop_module.NonFiniteLossError, match="at step 5") as err:
+        train(config, run, progress=False)
+    # found at the checkpoint step 6 (the first read-back after it), before writing it
+    assert err.value.step == 5 and err.value.loss == float("inf")
+    assert err.value.checkpoint == run / "checkpoints" / "step_00000003"
+    assert [p.name for p in resumable_checkpoints(run)] == ["step_00000003"]

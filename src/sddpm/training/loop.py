@@ -68,6 +68,7 @@ from ..runtime import retain_freed_memory
 from ..snn import set_neuron_kernel
 from .checkpoint import rng_state, set_rng_state
 from .ema import EMA
+from .errors import CheckpointWriteError, NonFiniteLossError, TrainingStopped
 from .metrics import MetricsLogger
 from .optim import build_optimizer, trainable_parameters
 from .signals import StopRequest
@@ -84,43 +85,6 @@ __all__ = [
 ]
 
 _NOISE_STREAM = 0x5DD9
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss (or gradient norm) became NaN or infinite; the run stopped without writing a
-    checkpoint after it."""
-
-    def __init__(self, step: int, loss: float, grad_norm: float, checkpoint: Path | None) -> None:
-        self.step, self.loss, self.grad_norm, self.checkpoint = step, loss, grad_norm, checkpoint
-        where = (
-            f"the last good checkpoint is {checkpoint}"
-            if checkpoint is not None
-            else "no checkpoint was written before it"
-        )
-        super().__init__(
-            f"non-finite training loss at step {step} (loss {loss}, gradient norm {grad_norm}); "
-            f"stopped without writing a checkpoint after it: {where}. Lower the learning "
-            "rate (e.g. --set lr=...) or check the data, then resume with "
-            "`sddpm train --resume RUN_DIR`."
-        )
-
-
-class TrainingStopped(RuntimeError):
-    """SIGTERM or SIGINT stopped the run after a whole step; a checkpoint of that step was
-    written (``checkpoint``) and ``resume_command`` continues it."""
-
-    def __init__(self, signal_name: str, step: int, checkpoint: Path | None, run_dir: Path) -> None:
-        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
-        self.resume_command = f"sddpm train --resume {run_dir}"
-        super().__init__(
-            f"{signal_name} received: stopped after step {step} and wrote {checkpoint}; "
-            f"continue with `{self.resume_command}`"
-        )
-
-
-class CheckpointWriteError(RuntimeError):
-    """Rank 0 could not write a checkpoint or sample grid (e.g. the disk is full); every rank
-    stops with this error instead of waiting for rank 0 in the next collective."""
 
 
 @dataclass
@@ -427,7 +391,7 @@ class Trainer:
         problem = state_dict_mismatch({k: v.shape for k, v in expected.items()}, {**given, **fill})
         if problem:
             raise ValueError(
-                f"--init-from {directory}: its {which} weights do not fit this run's model "
+                f"train.init_from {directory}: its {which} weights do not fit this run's model "
                 f"({problem}); only entries this run's config adds may be missing"
             )
         self.model.load_state_dict({**given, **fill})
@@ -671,7 +635,7 @@ class Trainer:
             if self.logger is not None:
                 self.logger.close()
             self.batches.close()
-        if self.stop.requested:
+        if self.stop.requested and self.step < tcfg.total_steps:  # (not when it just finished)
             raise TrainingStopped(self.stop.name, self.step, self.last_ckpt, self.run_dir)
         if ctx.is_main and self.progress and self.step > self.start_step:
             tqdm.write(
