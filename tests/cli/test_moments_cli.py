@@ -100,3 +100,26 @@ def test_bad_flags_are_named(tmp_path, folder):
     result = invoke("--out", tmp_path / "m.safetensors")
     assert result.exit_code != 0 and "exactly one of --run" in result.output
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_a_tsm_run_trains_its_scales_and_gives_moments(tmp_path):
+    """A tiny TSM training run (--set tsm=true): the scales are trained (they leave 1), the
+    checkpoint loads as a TSM model, and `eps-moments --run` reads the run's own dataset."""
+    from sddpm.config import run_preset
+    from sddpm.models.tsm import tsm_scale_layers
+    from sddpm.training import train
+
+    tiny = ["channels=8", "channel_mult=[1,2]", "num_res_blocks=1", "batch_size=4",
+            "total_steps=2", "warmup_steps=1", "lr=1e-2", "checkpoint_every=2",
+            "num_samples=0", "device=cpu", "threads=1", "seed=3", "tsm=true"]  # fmt: skip
+    config = run_preset("digits").override(tiny)
+    run = tmp_path / "run"
+    train(config, run, command=["sddpm", "train"], progress=False)
+    model = load_for_sampling(run, weights="model").model
+    assert model.config.tsm
+    scales = torch.cat([m.step_scale for _, m in tsm_scale_layers(model)])
+    assert scales.numel() == 26 * 4 and (scales - 1).abs().max() > 1e-4
+    out = tmp_path / "m.safetensors"
+    result = invoke("--run", run, "--num", 4, "--steps", 3, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "3 of 1000 steps, 4 images" in result.output

@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from sddpm.compat import from_published, to_published
 from sddpm.models import UNetConfig, build_model, fold_batchnorm
-from sddpm.models.tsm import TSMConv2d, TSMSpikeConv2d, tsm_scale_layers
+from sddpm.models.tsm import TSMConv2d, TSMRepeatedConv2d, TSMSpikeConv2d, tsm_scale_layers
 from sddpm.snn import override_threshold, set_neuron_kernel
 
 from .test_reference_vectors import assert_output_matches
@@ -49,7 +49,8 @@ def test_the_sdm_checkpoint_loads_as_a_tsm_model(tsm_model, tsm_reference):
     names = [n for n, _ in tsm_scale_layers(tsm_model)]
     assert len(names) == 2 + 2 * 8 + 5 + 2 + 1 == 26
     assert "head.conv" in names and "head.temporal_conv" not in names
-    assert isinstance(tsm_model.stem.conv, TSMConv2d)  # real-valued input
+    assert isinstance(tsm_model.stem.conv, TSMRepeatedConv2d)  # the image, once per call
+    assert isinstance(tsm_model.encoder[2].skip, TSMConv2d)  # real-valued input
     assert isinstance(tsm_model.encoder[0].conv1, TSMSpikeConv2d)
     state, _ = published_state(tsm_reference)
     assert torch.equal(tsm_model.stem.conv.step_scale, state["conv.tsmp"].flatten())
@@ -137,6 +138,27 @@ def test_batchnorm_folded_tsm_model_reproduces_eval_outputs(tsm_model, tsm_refer
     assert tsm_model.stem.conv.step_shift is None
 
 
+def test_forward_hooks_see_every_tsm_conv(tsm_model, tsm_reference):
+    """Measurement is by hooks: every TSM conv, the stem's (run once) included, is called as a
+    module; the stem's takes the B images and gives the S*B scaled maps."""
+    t, _ = tsm_reference
+    seen = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            seen[name] = (tuple(inputs[0].shape), tuple(output.shape))
+
+        return hook
+
+    handles = [m.register_forward_hook(record(n)) for n, m in tsm_scale_layers(tsm_model)]
+    with torch.no_grad():
+        tsm_model(t["input.x"], t["input.t"])
+    for h in handles:
+        h.remove()
+    assert sorted(seen) == sorted(n for n, _ in tsm_scale_layers(tsm_model))
+    assert seen["stem.conv"] == ((3, 1, 16, 16), (4 * 3, 32, 16, 16))
+
+
 def test_round_trip_to_sdm_names(tsm_model, tsm_reference):
     state, _ = published_state(tsm_reference)
     back = to_published(tsm_model.state_dict())
@@ -175,3 +197,7 @@ def test_the_ann_twin_refuses_tsm():
         from sddpm.models import ANNUNet
 
         ANNUNet(UNetConfig(tsm=True, channels=8, channel_mult=(1,), image_size=8))
+    # the twin of a TSM model's architecture is the plain ANN
+    twin = UNetConfig(tsm=True).ann_twin()
+    assert twin.kind == "ann" and not twin.tsm
+    assert UNetConfig(tsm=True).replace(tsm=False).ann_twin() == twin

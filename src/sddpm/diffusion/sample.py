@@ -54,7 +54,8 @@ def sample(
             ``"dpm-solver++3m"`` (third-order multistep) or ``"analytic-ddpm"`` /
             ``"analytic-ddim"`` (Analytic-DPM, Bao et al. 2022: needs ``moments``).
         steps: model calls. ``None``: the sampler's natural default, every step of the
-            schedule (1000) for DDPM, 100 for DDIM, 20 for DPM-Solver++ (capped at ``T``).
+            schedule (1000) for DDPM, 100 for DDIM, 20 for DPM-Solver++ (2M and 3M), 50 for
+            Analytic-DPM (capped at ``T``).
             Must be in ``[1, T]``; DDPM with fewer than ``T`` steps is respaced.
         eta: DDIM only: 0 deterministic, 1 the DDPM posterior variance.
         threshold: the paper's threshold guidance: every spiking neuron's threshold is

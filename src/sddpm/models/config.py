@@ -106,6 +106,11 @@ class UNetConfig:
         """SNN steps the network actually runs: ``snn_timesteps`` for spiking, 1 for the ANN."""
         return self.snn_timesteps if self.kind == "spiking" else 1
 
+    def ann_twin(self) -> UNetConfig:
+        """The config of this network's ANN twin: ``kind="ann"`` and, since TSM scales SNN
+        steps and the twin has one, ``tsm=False`` (a TSM model's twin is the plain ANN)."""
+        return self.replace(kind="ann", tsm=False)
+
     def replace(self, **changes: Any) -> UNetConfig:
         return dataclasses.replace(self, **changes)
 

@@ -87,26 +87,41 @@ class TSMSpikeConv2d(_StepScaled, SpikeConv2d):
     """A TSM conv fed by spikes (input kept as bool for the backward pass)."""
 
 
-TSM_CONVS = (TSMConv2d, TSMSpikeConv2d)
+class TSMRepeatedConv2d(TSMConv2d):
+    """The TSM conv of an input that is the same on every SNN step (the stem's first conv,
+    fed the image): ``x [B, C, H, W]`` -> ``[S*B, C', H', W']``, the conv run once on the B
+    images and scaled per step (:meth:`forward_repeated`). Its conv work is that of B images,
+    not S*B; its scale multiplies are S*B*C'*H'*W' as for every TSM conv."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_repeated(x).flatten(0, 1)
 
 
-def add_step_scales(model: nn.Module, steps: int) -> None:
+TSM_CONVS = (TSMConv2d, TSMSpikeConv2d)  # TSMRepeatedConv2d is a TSMConv2d
+
+
+def add_step_scales(model: nn.Module, steps: int, repeated_input: tuple[str, ...] = ()) -> None:
     """Replace, in place, every plain 2-D conv of ``model`` (``nn.Conv2d`` or ``SpikeConv2d``;
-    the head's temporal ``Conv3d`` is not one) by its TSM conv with ``steps`` scales at 1."""
-    for parent in list(model.modules()):
+    the head's temporal ``Conv3d`` is not one) by its TSM conv with ``steps`` scales at 1; the
+    convs named in ``repeated_input`` (fed the same input on every step) by
+    :class:`TSMRepeatedConv2d`."""
+    for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
+            full = f"{parent_name}.{name}" if parent_name else name
             if type(child) is SpikeConv2d:
                 setattr(parent, name, TSMSpikeConv2d.from_conv(child, steps))
             elif type(child) is nn.Conv2d:
-                setattr(parent, name, TSMConv2d.from_conv(child, steps))
+                cls = TSMRepeatedConv2d if full in repeated_input else TSMConv2d
+                setattr(parent, name, cls.from_conv(child, steps))
 
 
 def tsm_scale_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of every TSM conv of ``model``, in module order.
 
-    Each one multiplies every output element of every SNN step by its real-valued scale
-    ``step_scale[s]`` (one multiply per output element per step; in a BatchNorm-folded model
-    also one add, of ``step_shift``)."""
+    Each call of one multiplies every element of its output ``[S*B, C, H, W]`` by the real
+    scale of its SNN step (one multiply per output element per step; in a BatchNorm-folded
+    model also one add, of ``step_shift``). A :class:`TSMRepeatedConv2d` (the stem) runs its
+    conv on the B input images only: conv MACs ``output.numel() / S * fan-in``."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, TSM_CONVS)]
 
 

@@ -109,9 +109,8 @@ class Stem(nn.Module):
         the same conv output and the same BatchNorm batch statistics, so conv and BatchNorm run
         once and the result is broadcast over the S steps. A TSM conv (SDM) also runs once; its
         per-step scales make the S maps differ, so BatchNorm then sees all S*B of them."""
-        if isinstance(self.conv, TSM_CONVS):
-            h = self.conv.forward_repeated(x)
-            h = _unfold(self.bn(_fold(h)), steps)
+        if isinstance(self.conv, TSM_CONVS):  # a TSMRepeatedConv2d: [B] in, [S*B] out
+            h = _unfold(self.bn(self.conv(x)), steps)
             return _conv_bn(self.conv2, self.bn2, self.neuron(h))
         y = self.conv(x)
         if self.training and isinstance(self.bn, nn.BatchNorm2d):
@@ -258,7 +257,7 @@ class UNet(nn.Module):
 
         self.head = Head(now, c.image_channels, c.output_decay)
         if c.tsm:
-            add_step_scales(self, c.snn_timesteps)
+            add_step_scales(self, c.snn_timesteps, repeated_input=("stem.conv",))
         # Built last, so the other parameters draw the same initial values as the unconditional
         # model's under the same seed; absent when unconditional (published state_dict keys).
         if c.num_classes > 0:
