@@ -556,7 +556,7 @@ class EnergyReport:
         bottom.set_yscale("log")
         bottom.set_xlabel("diffusion step t")
         bottom.set_ylabel("energy per call (pJ)")
-        bottom.legend()
+        bottom.legend(loc="best")
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=120)
 
