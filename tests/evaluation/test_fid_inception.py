@@ -8,7 +8,6 @@ those weights and must reproduce ``output.pool`` and ``output.prob``.
 from __future__ import annotations
 
 import json
-import math
 import urllib.error
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from sddpm.evaluation import (
     load_fid_inception,
     resolve_inception_weights,
 )
-from sddpm.evaluation.inception import _prepare_images
+from sddpm.evaluation.inception import _prepare_images, rule_made_weights
 
 REFERENCE = Path(__file__).resolve().parents[1] / "data" / "fid-inception.safetensors"
 
@@ -42,38 +41,11 @@ def _reference():
     return meta, tensors
 
 
-def _rule_weights(keys_and_shapes: dict[str, list[int]]) -> dict[str, torch.Tensor]:
-    """The metadata ``rule``: one generator, draws in sorted-key order only."""
-    g = torch.Generator().manual_seed(0)
-    sd: dict[str, torch.Tensor] = {}
-    for key in sorted(keys_and_shapes):
-        shape = keys_and_shapes[key]
-        if key.endswith("num_batches_tracked"):
-            sd[key] = torch.tensor(0, dtype=torch.long)
-        elif key == "fc.bias":
-            sd[key] = torch.zeros(shape)
-        elif key.endswith(".weight") and len(shape) >= 2:
-            fan_in = math.prod(shape[1:])
-            scale = 10 / math.sqrt(fan_in) if key == "fc.weight" else math.sqrt(2 / fan_in)
-            sd[key] = torch.randn(shape, generator=g) * scale
-        elif key.endswith("bn.weight"):
-            sd[key] = 1 + 0.1 * torch.randn(shape, generator=g)
-        elif key.endswith("bn.bias"):
-            sd[key] = 0.1 * torch.randn(shape, generator=g)
-        elif key.endswith("running_mean"):
-            sd[key] = 0.1 * torch.randn(shape, generator=g)
-        elif key.endswith("running_var"):
-            sd[key] = 1 + 0.1 * torch.rand(shape, generator=g)
-        else:
-            raise KeyError(f"no rule for {key}")
-    return sd
-
-
 @pytest.fixture(scope="module")
 def reference():
     meta, tensors = _reference()
     keys_and_shapes = json.loads(meta["keys_and_shapes"])
-    return keys_and_shapes, _rule_weights(keys_and_shapes), tensors
+    return keys_and_shapes, rule_made_weights(keys_and_shapes), tensors
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ Weights are never bundled; :func:`load_fid_inception` finds or downloads them (s
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,6 +42,7 @@ __all__ = [
     "check_state_dict",
     "load_fid_inception",
     "resolve_inception_weights",
+    "rule_made_weights",
 ]
 
 INCEPTION_WEIGHTS_URL = (
@@ -401,3 +403,34 @@ def load_fid_inception(
     model.load_state_dict(state_dict, strict=True)
     model.eval().requires_grad_(False)
     return model.to(device)
+
+
+def rule_made_weights(keys_and_shapes: Mapping[str, list[int]]) -> dict[str, Tensor]:
+    """Deterministic stand-in weights for the FID Inception, made by the rule recorded in the
+    reference vectors (``tests/data/fid-inception.safetensors``, metadata ``rule``) from the
+    real file's key list: one generator seeded 0, drawing in sorted-key order. They let the
+    network be checked (against the published code's outputs, or on a GPU against the CPU)
+    where the real weights cannot be downloaded."""
+    g = torch.Generator().manual_seed(0)
+    weights: dict[str, Tensor] = {}
+    for key in sorted(keys_and_shapes):
+        shape = list(keys_and_shapes[key])
+        if key.endswith("num_batches_tracked"):
+            weights[key] = torch.tensor(0, dtype=torch.long)
+        elif key == "fc.bias":
+            weights[key] = torch.zeros(shape)
+        elif key.endswith(".weight") and len(shape) >= 2:
+            fan_in = math.prod(shape[1:])
+            scale = 10 / math.sqrt(fan_in) if key == "fc.weight" else math.sqrt(2 / fan_in)
+            weights[key] = torch.randn(shape, generator=g) * scale
+        elif key.endswith("bn.weight"):
+            weights[key] = 1 + 0.1 * torch.randn(shape, generator=g)
+        elif key.endswith("bn.bias"):
+            weights[key] = 0.1 * torch.randn(shape, generator=g)
+        elif key.endswith("running_mean"):
+            weights[key] = 0.1 * torch.randn(shape, generator=g)
+        elif key.endswith("running_var"):
+            weights[key] = 1 + 0.1 * torch.rand(shape, generator=g)
+        else:
+            raise KeyError(f"the weight rule has no case for {key!r}")
+    return weights

@@ -1,0 +1,602 @@
+"""The GPU acceptance check: the first command to run on a machine with a GPU.
+
+    python benchmarks/gpu_check.py                       # one CUDA GPU, under 5 minutes
+    python benchmarks/gpu_check.py --device cpu --quick  # the same path, tiny settings (CI)
+
+It checks, on the chosen device, everything a GPU can break that a CPU cannot:
+
+- bf16 training steps of the spiking and ANN ``cifar10`` presets at batch 128 (random images:
+  no data set is needed): the loss is finite; images/s, peak memory, the projected hours of the
+  paper's 500k steps, the spiking/ANN step-time ratio, and the convolutions' share of dense bf16
+  conv throughput measured in the same run;
+- checkpoint and resume through ``sddpm.training.train`` on a small image folder it writes;
+- every neuron kernel (eager, compiled, triton) agreeing with eager, spikes and gradients,
+  in float32 and bf16;
+- sampling with DPM-Solver++ (20 steps) under bf16 autocast and ``torch.compile``;
+- the FID Inception network's features on the device against the CPU's (TF32 off), with the real
+  weights where they are on disk, else with the rule-made weights of the reference vectors;
+- one training step under DistributedDataParallel in a one-process group (NCCL on CUDA, gloo on
+  the CPU), launched through ``torch.distributed.run`` as users launch training.
+
+It prints one table, writes JSON (``--json``), and ends with one line: ``PASS`` or ``FAIL``.
+Performance targets (for one H200: spiking >= 1,500 images/s, <= 4x the ANN's step time, convs
+at >= 40 % of dense bf16 conv throughput) are reported beside the checks and do not decide
+PASS/FAIL, which is about correctness. ``--device cpu --quick`` runs Triton's kernels under
+its interpreter (the script sets ``TRITON_INTERPRET=1`` itself, before Triton is imported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+INCEPTION_VECTORS = REPO / "tests" / "data" / "fid-inception.safetensors"
+TARGETS = {"images_per_s": 1500.0, "spiking_over_ann": 4.0, "conv_share": 0.40}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--device", default="cuda", help="cuda (default), cuda:1, ... or cpu")
+    ap.add_argument("--quick", action="store_true", help="tiny settings (the CI run)")
+    ap.add_argument("--batch", type=int, default=None, help="training batch (default 128)")
+    ap.add_argument("--steps", type=int, default=None, help="timed training steps (default 10)")
+    ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    ap.add_argument(
+        "--compile-backend",
+        default=None,
+        help="torch.compile backend for the sampling and DDP checks (default inductor; "
+        "aot_eager with --device cpu --quick, which traces the same graphs without generating "
+        "C++, minutes on a small CPU)",
+    )
+    ap.add_argument("--ddp-worker", type=Path, default=None, help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+class Checks:
+    """Rows of the final table: name, status (PASS, FAIL, SKIP or INFO), value, detail."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def add(self, name: str, status: str, value: str = "", detail: str = "", **data) -> None:
+        row = {"check": name, "status": status, "value": value, "detail": detail}
+        self.rows.append({**row, **data})
+        print(f"  {status:4}  {name}: {value} {detail}".rstrip(), flush=True)
+
+    @contextlib.contextmanager
+    def run(self, name: str):
+        """A check whose exception is a FAIL row (with the error's last line), not a crash."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        except Exception as err:  # every failure is a row of the report
+            last = traceback.format_exception_only(type(err), err)[-1].strip()
+            self.add(name, "FAIL", "", last, seconds=time.perf_counter() - t0)
+            if os.environ.get("SDDPM_GPU_CHECK_TRACEBACK"):
+                traceback.print_exc()
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.rows) and not any(r["status"] == "FAIL" for r in self.rows)
+
+    def table(self) -> str:
+        cols = ("check", "status", "value", "detail")
+        widths = [max(len(c), *(len(str(r[c])) for r in self.rows)) for c in cols]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
+        lines.append("  ".join("-" * w for w in widths))
+        for r in self.rows:
+            lines.append("  ".join(str(r[c]).ljust(w) for c, w in zip(cols, widths, strict=True)))
+        return "\n".join(lines)
+
+
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device) -> float | None:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# training throughput
+
+
+class TrainingStep:
+    """One optimiser update as ``sddpm train`` makes it: bf16 autocast, the diffusion loss,
+    backward, gradient clipping, Adam, EMA, on random images in [-1, 1]."""
+
+    def __init__(self, preset_name: str, kind: str, batch: int, device, channels=None) -> None:
+        import torch
+
+        from sddpm.config import run_preset
+        from sddpm.models import build_model
+        from sddpm.training import EMA, build_optimizer, trainable_parameters
+
+        config = run_preset(preset_name, kind)
+        if channels:
+            config = config.override({"channels": channels})
+        self.config = config
+        unet = config.unet_config()
+        self.schedule = config.diffusion.build()
+        torch.manual_seed(0)
+        self.model = build_model(unet).to(device).train()
+        self.optimizer, self.scheduler = build_optimizer(self.model, config.optim)
+        self.ema = EMA(self.model, config.optim.ema_decay)
+        self.params = trainable_parameters(self.model)
+        shape = (batch, unet.image_channels, unet.image_size, unet.image_size)
+        self.x0 = torch.rand(shape, device=device) * 2 - 1
+        self.generator = torch.Generator(device=device).manual_seed(0)
+        self.device = device
+        self.batch = batch
+        self.net = self.model  # what the loss calls: the model, or a DDP / compiled wrapper
+
+    def __call__(self):
+        import torch
+
+        from sddpm.diffusion import draw_t_and_noise, training_loss
+
+        t, noise = draw_t_and_noise(self.x0, self.schedule, self.generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            loss = training_loss(self.net, self.x0, self.schedule, t=t, noise=noise).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.config.optim.grad_clip or math.inf)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.ema.update(self.model)
+        return loss.detach()
+
+    def conv_flops(self) -> int:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter:
+            self()
+        counts = counter.get_flop_counts()["Global"]
+        conv_ops = ("convolution", "convolution_backward", "_convolution")
+        return sum(n for op, n in counts.items() if str(op).split(".")[1] in conv_ops)
+
+
+def dense_conv_flops_per_s(device, quick: bool) -> float:
+    """Dense 3x3 conv, 128 -> 128 channels, 32x32, forward + both backward convs, under bf16
+    autocast: the reference the U-Net's convs are measured against."""
+    import torch
+    import torch.nn.functional as F
+
+    n, c, hw = (4, 32, 16) if quick else (128, 128, 32)
+    x = torch.randn(n, c, hw, hw, device=device, requires_grad=True)
+    w = torch.randn(c, c, 3, 3, device=device, requires_grad=True)
+    flops = 3 * 2 * n * c * c * 9 * hw * hw
+    best = math.inf
+    for _ in range(3 if quick else 10):
+        sync(device)
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            y = F.conv2d(x, w, padding=1)
+        y.float().sum().backward()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return flops / best
+
+
+def check_training(checks: Checks, args, device) -> None:
+    preset_name, channels = ("cifar10", 8) if args.quick else ("cifar10", None)
+    batch = args.batch or (2 if args.quick else 128)
+    steps = args.steps or (1 if args.quick else 10)
+    warmup = 1 if args.quick else 3
+    results = {}
+    for kind in ("spiking", "ann"):
+        with checks.run(f"train {kind}"):
+            reset_peak(device)
+            step = TrainingStep(preset_name, kind, batch, device, channels)
+            losses = [step() for _ in range(warmup)]
+            sync(device)
+            t0 = time.perf_counter()
+            losses += [step() for _ in range(steps)]
+            sync(device)
+            seconds = (time.perf_counter() - t0) / steps
+            loss = float(losses[-1])  # the only read back: after the timed steps
+            flops = step.conv_flops()
+            mem = peak_gib(device)
+            results[kind] = seconds
+            ok = all(math.isfinite(float(v)) for v in losses)
+            hours = seconds * 500_000 / 3600
+            checks.add(
+                f"train {kind}",
+                "PASS" if ok else "FAIL",
+                f"{batch / seconds:.1f} img/s",
+                f"batch {batch} bf16, loss {loss:.4f}, {seconds * 1e3:.1f} ms/step, "
+                + (f"peak {mem:.2f} GiB, " if mem is not None else "")
+                + f"500k steps {hours:.1f} h",
+                images_per_s=batch / seconds,
+                s_per_step=seconds,
+                peak_gib=mem,
+                loss=loss,
+                projected_hours_500k=hours,
+                conv_flops_per_step=flops,
+                preset=preset_name,
+                channels=channels,
+            )
+            if kind == "spiking":
+                results["conv_flops_per_s"] = flops / seconds
+    if "spiking" not in results or "ann" not in results:
+        return
+    dense = dense_conv_flops_per_s(device, args.quick)
+    ratio = results["spiking"] / results["ann"]
+    share = results["conv_flops_per_s"] / dense
+    on_gpu = device.type == "cuda" and not args.quick
+    spiking_ips = batch / results["spiking"]
+
+    def target(met: bool) -> str:
+        return ("PASS" if met else "MISS") if on_gpu else "INFO"
+
+    checks.add(
+        "target: spiking images/s",
+        target(spiking_ips >= TARGETS["images_per_s"]),
+        f"{spiking_ips:.0f}",
+        f">= {TARGETS['images_per_s']:.0f} on one H200",
+    )
+    checks.add(
+        "target: spiking / ANN step",
+        target(ratio <= TARGETS["spiking_over_ann"]),
+        f"{ratio:.2f}x",
+        f"<= {TARGETS['spiking_over_ann']:.0f}x",
+    )
+    checks.add(
+        "target: conv share of dense bf16",
+        target(share >= TARGETS["conv_share"]),
+        f"{share:.0%}",
+        f">= {TARGETS['conv_share']:.0%} (dense {dense / 1e12:.3g} TFLOP/s)",
+        dense_conv_flops_per_s=dense,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoint and resume, DDP
+
+
+def write_image_folder(root: Path, count: int, size: int) -> Path:
+    """``count`` random RGB PNGs: a data set that needs no download."""
+    import numpy as np
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / f"{i:03d}.png")
+    return root
+
+
+def small_run_config(data_root: Path, device, total_steps: int):
+    """A few-step run of the cifar10 architecture at 8 channels on an image folder."""
+    from sddpm.config import run_preset
+
+    config = run_preset("cifar10").override(
+        {
+            "channels": 8,
+            "dataset": "folder",
+            "data.root": str(data_root),
+            "batch_size": 4,
+            "total_steps": total_steps,
+            "checkpoint_every": 1,
+            "keep_last": 0,
+            "sample_every": 0,
+            "num_samples": 0,
+            "log_every": 1,
+            "warmup_steps": 1,
+            "device": str(device),
+        }
+    )
+    return config
+
+
+def check_resume(checks: Checks, workdir: Path, device) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from sddpm.training import train
+
+    with checks.run("checkpoint + resume"):
+        data = write_image_folder(workdir / "images", 16, 32)
+        straight, parted = workdir / "run-straight", workdir / "run-resumed"
+        train(small_run_config(data, device, 3), straight, progress=False)
+        train(small_run_config(data, device, 2), parted, progress=False)
+        result = train(small_run_config(data, device, 3), parted, resume=True, progress=False)
+        a = load_file(str(straight / "checkpoints" / "step_00000003" / "ema.safetensors"))
+        b = load_file(str(parted / "checkpoints" / "step_00000003" / "ema.safetensors"))
+        diff = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+        # cuDNN's autotuner may pick other algorithms in the second process: allow rounding.
+        tol = 0.0 if device.type == "cpu" else 1e-3
+        ok = diff <= tol and set(a) == set(b)
+        checks.add(
+            "checkpoint + resume",
+            "PASS" if ok else "FAIL",
+            f"max |EMA diff| {diff:.2e}",
+            f"3 steps straight vs 2 + resume 1 (tolerance {tol:g}); final step {result.step}",
+            max_abs_diff=diff,
+        )
+        del torch
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_ddp(checks: Checks, workdir: Path, device, backend: str) -> None:
+    name = f"DDP one-process step + compile ({backend})"
+    with checks.run(name):
+        spec = workdir / "ddp.json"
+        spec.write_text(
+            json.dumps({"device": str(device), "out": str(workdir), "backend": backend})
+        )
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+            str(Path(__file__).resolve()), "--ddp-worker", str(spec),
+        ]  # fmt: skip
+        src = [str(REPO / "src"), os.environ.get("PYTHONPATH", "")]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in src if p))
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+        report = workdir / "ddp-result.json"
+        if proc.returncode != 0 or not report.is_file():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            checks.add(name, "FAIL", f"exit {proc.returncode}", tail[0])
+            return
+        r = json.loads(report.read_text())
+        ok = r["world_size"] == 1 and all(math.isfinite(v) for v in r["losses"])
+        checks.add(
+            name,
+            "PASS" if ok else "FAIL",
+            f"backend {r['backend']}",
+            f"world {r['world_size']}, losses {', '.join(f'{v:.4f}' for v in r['losses'])}",
+        )
+
+
+def ddp_worker(spec_path: Path) -> None:
+    """Run under ``torch.distributed.run``: training steps of a small cifar10-architecture model
+    wrapped in DistributedDataParallel and then ``torch.compile``, as ``sddpm train
+    --compile`` does under torchrun, in a process group of the device's backend."""
+    import torch
+    import torch.distributed as dist
+
+    spec = json.loads(spec_path.read_text())
+    device = torch.device(spec["device"])
+    kwargs = {"backend": "nccl" if device.type == "cuda" else "gloo", "init_method": "env://"}
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        kwargs["device_id"] = device
+    dist.init_process_group(**kwargs)
+    try:
+        step = TrainingStep("cifar10", "spiking", 2, device, channels=8)
+        ids = [device.index] if device.type == "cuda" else None
+        ddp = torch.nn.parallel.DistributedDataParallel(step.model, ids)
+        step.net = torch.compile(ddp, backend=spec["backend"])
+        losses = [float(step()) for _ in range(2)]
+        record = {"backend": dist.get_backend(), "world_size": dist.get_world_size()}
+    finally:
+        dist.destroy_process_group()
+    record["losses"] = losses
+    (Path(spec["out"]) / "ddp-result.json").write_text(json.dumps(record))
+
+
+# ---------------------------------------------------------------------------------------------
+# neuron kernels, sampling, Inception
+
+
+def check_kernels(checks: Checks, device) -> None:
+    import torch
+
+    from sddpm.snn import Surrogate, fused
+
+    kernels = [k for k in fused.KERNELS if k not in ("eager", "auto")]
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 3, 37, 29, generator=g) * 0.8 + 0.45).to(device)
+    upstream = torch.randn(x.shape, generator=g).to(device)
+    for dtype in (torch.float32, torch.bfloat16):
+
+        def run(kernel, dtype=dtype):
+            xi = x.detach().to(dtype).clone().requires_grad_()
+            spikes, _ = fused.multistep_neuron(
+                xi, threshold=1.0, surrogate=Surrogate(), kernel=kernel
+            )
+            (spikes.float() * upstream).sum().backward()
+            return spikes.float(), xi.grad.float()
+
+        ref_s, ref_g = run("eager")
+        for kernel in kernels:
+            name = f"neuron kernel {kernel} ({str(dtype).split('.')[-1]})"
+            with checks.run(name):
+                s, grad = run(kernel)
+                flips = int((s != ref_s).sum())
+                gdiff = float((grad - ref_g).abs().max())
+                tol = 1e-5 if dtype == torch.float32 else 2e-2
+                ok = flips == 0 and gdiff <= tol
+                checks.add(
+                    name,
+                    "PASS" if ok else "FAIL",
+                    f"{flips} spike flips",
+                    f"max |grad diff| {gdiff:.2e} (tolerance {tol:g}) vs eager",
+                )
+
+
+def check_sampling(checks: Checks, device, quick: bool, backend: str) -> None:
+    import torch
+
+    from sddpm.generation import generate
+    from sddpm.models import build_model, fold_batchnorm, preset
+
+    name = f"sample dpm-solver++ 20, bf16 + compile ({backend})"
+    with checks.run(name):
+        cfg = preset("cifar10").replace(channels=32)
+        if quick:  # compilation time grows with the number of distinct layers
+            cfg = cfg.replace(channels=8, channel_mult=(1, 2), num_res_blocks=1, image_size=16)
+        torch.manual_seed(0)
+        model = build_model(cfg).to(device).eval()
+        shape = (cfg.image_channels, cfg.image_size, cfg.image_size)
+        common = dict(sampler="dpm-solver++", steps=20, batch_size=4, device=device, progress=False)
+        ref = generate(model, 4, shape, **common)
+        t0 = time.perf_counter()
+        compiled = torch.compile(fold_batchnorm(model), backend=backend)
+        out = generate(compiled, 4, shape, bf16=True, fold_bn=False, **common)
+        seconds = time.perf_counter() - t0
+        finite = bool(torch.isfinite(out).all())
+        diff = float((out - ref).abs().mean())
+        ok = finite and out.shape == ref.shape and diff < 0.1
+        checks.add(
+            name,
+            "PASS" if ok else "FAIL",
+            f"mean |bf16 - fp32| {diff:.3g}",
+            f"4 images in {seconds:.1f} s (with compilation), finite {finite}",
+            mean_abs_diff=diff,
+        )
+
+
+def inception_for_check():
+    """The FID Inception with the real weights if they are on disk, else the rule-made weights
+    of the reference vectors (``tests/data/fid-inception.safetensors``)."""
+    from safetensors import safe_open
+
+    from sddpm.evaluation.inception import (
+        FIDInceptionV3,
+        load_fid_inception,
+        rule_made_weights,
+    )
+
+    try:
+        return load_fid_inception(download=False), "real weights"
+    except FileNotFoundError:
+        pass
+    with safe_open(str(INCEPTION_VECTORS), "pt") as f:
+        keys_and_shapes = json.loads(f.metadata()["keys_and_shapes"])
+    model = FIDInceptionV3()
+    model.load_state_dict(rule_made_weights(keys_and_shapes))
+    return model.eval().requires_grad_(False), "rule-made weights (real ones not on disk)"
+
+
+def check_inception(checks: Checks, device) -> None:
+    import torch
+
+    from sddpm.evaluation.features import no_tf32
+
+    with checks.run("Inception features vs CPU"):
+        model, source = inception_for_check()
+        images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            ref = model(images).pool
+            with no_tf32():
+                out = model.to(device)(images.to(device)).pool.cpu()
+        diff = float((out - ref).abs().max())
+        scale = float(ref.abs().max())
+        ok = diff <= 1e-4 * max(scale, 1.0)
+        checks.add(
+            "Inception features vs CPU",
+            "PASS" if ok else "FAIL",
+            f"max |diff| {diff:.2e}",
+            f"features up to {scale:.3g}; {source}; TF32 off",
+            max_abs_diff=diff,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def environment(device) -> dict:
+    import torch
+
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.ddp_worker is not None:
+        ddp_worker(args.ddp_worker)
+        return 0
+    if args.device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+    import torch
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(
+            "error: --device cuda but torch sees no CUDA GPU here; run on a GPU machine, or "
+            "check the same path on the CPU with --device cpu --quick",
+            file=sys.stderr,
+        )
+        return 2
+    if device.type == "cpu" and not args.quick:
+        print("note: a full run on the CPU takes long; --quick runs tiny settings", flush=True)
+    info = environment(device)
+    print(f"sddpm gpu_check on {info['device_name']} ({device}), torch {info['torch']}, "
+          f"triton {info['triton']}", flush=True)  # fmt: skip
+    backend = args.compile_backend or (
+        "aot_eager" if device.type == "cpu" and args.quick else "inductor"
+    )
+    checks = Checks()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="sddpm-gpu-check-") as tmp:
+        work = Path(tmp)
+        check_training(checks, args, device)
+        check_resume(checks, work, device)
+        check_kernels(checks, device)
+        check_sampling(checks, device, args.quick, backend)
+        check_inception(checks, device)
+        check_ddp(checks, work, device, backend)
+    seconds = time.perf_counter() - t0
+    print()
+    print(checks.table())
+    verdict = "PASS" if checks.passed else "FAIL"
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        record = {"verdict": verdict, "seconds": seconds, "quick": args.quick, **info}
+        record["checks"] = checks.rows
+        args.json.write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
+    print(f"{verdict} ({seconds:.0f} s)")
+    return 0 if checks.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""benchmarks/gpu_check.py, the GPU acceptance script, run on the CPU as CI can: the same checks
+with tiny settings (Triton under its interpreter), so that the script cannot rot."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "benchmarks" / "gpu_check.py"
+
+
+def _env() -> dict[str, str]:
+    paths = [str(REPO / "src"), os.environ.get("PYTHONPATH", "")]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_cpu_run_passes_every_check(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--json", str(out)],
+        capture_output=True, text=True, timeout=900, env=_env(), cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("PASS")
+    record = json.loads(out.read_text())
+    assert record["verdict"] == "PASS" and record["quick"] is True
+    rows = {r["check"]: r for r in record["checks"]}
+    from sddpm.snn import fused
+
+    expected = {"train spiking", "train ann", "checkpoint + resume", "Inception features vs CPU"}
+    expected |= {
+        f"neuron kernel {k} ({d})"
+        for k in fused.KERNELS
+        if k not in ("eager", "auto")
+        for d in ("float32", "bfloat16")
+    }
+    assert expected <= set(rows), sorted(rows)
+    assert any(name.startswith("sample dpm-solver++ 20, bf16 + compile") for name in rows)
+    assert any(name.startswith("DDP one-process step") for name in rows)
+    assert all(r["status"] in ("PASS", "INFO") for r in rows.values())
+    for kind in ("spiking", "ann"):
+        assert rows[f"train {kind}"]["images_per_s"] > 0
+    assert rows["checkpoint + resume"]["max_abs_diff"] == 0.0  # bit-identical on the CPU
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_cuda_without_a_gpu_is_one_clear_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cuda"],
+        capture_output=True, text=True, timeout=300, env=_env(), cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--device cpu --quick" in lines[0]
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_a_failing_check_is_a_fail_row_and_the_verdict():
+    checks = _load_script().Checks()
+    checks.add("fine", "PASS")
+    with checks.run("broken"):
+        raise RuntimeError("cuDNN refused mixed dtypes")
+    assert not checks.passed
+    row = checks.rows[-1]
+    assert row["status"] == "FAIL" and "cuDNN refused mixed dtypes" in row["detail"]
+    assert "broken" in checks.table()
