@@ -151,9 +151,9 @@ def check_device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError as err:
-        raise ValueError(f"--device {device!r} is not a device name ({err})") from None
+        raise ValueError(f"device {device!r} is not a device name ({err})") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} asked for, but CUDA is not available here")
+        raise ValueError(f"device {device} asked for, but CUDA is not available here")
     return dev
 
 
@@ -181,3 +181,19 @@ def distributed_from_env(device: str = "cpu") -> Iterator[tuple[int, int, torch.
     finally:
         if created and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def all_gather_rows(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Concatenate ``[n_r, D]`` tensors of every rank (n_r may differ), in rank order, on the
+    CPU. A collective: every rank calls it."""
+    x = x.to(device)
+    world = dist.get_world_size()
+    n = torch.tensor([x.shape[0]], device=device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s.item()) for s in sizes]
+    padded = x.new_zeros((max(sizes), *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes, strict=True)]).cpu()

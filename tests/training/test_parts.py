@@ -132,3 +132,10 @@ def test_one_process_group_module_for_training_and_evaluation(monkeypatch):
     ctx = distributed.setup_distributed("cpu")
     assert not ctx.distributed and distributed.any_rank(ctx, True)
     assert not distributed.any_rank(ctx, False)
+    # evaluation takes its process-group helpers from this module: there is no second copy
+    from sddpm.evaluation import evaluate, reference_stats, scores, sweeps
+
+    for module in (evaluate, reference_stats, scores, sweeps):
+        for name in ("rank_and_world", "shard_indices", "all_gather_rows"):
+            if hasattr(module, name):
+                assert getattr(module, name) is getattr(distributed, name), (module, name)

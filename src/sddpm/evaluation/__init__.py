@@ -14,10 +14,12 @@ scoring generated images, threshold sweeps and the energy meter.
 - :mod:`.results`: FID / IS / KID of scores and :class:`EvaluationResult`.
 - :mod:`.evaluate`: :func:`evaluate_model`, the whole evaluation.
 - :mod:`.sweeps`: :func:`sweep_threshold`, resumable threshold sweeps.
-- :mod:`.process_group`: ranks, devices and shards under ``torchrun``.
+- ranks, devices and shards under ``torchrun`` come from :mod:`sddpm.distributed`, the one
+  process-group module of training and evaluation.
 - :mod:`.energy`: SOPs, MACs, firing rates and energy while sampling.
 """
 
+from ..distributed import check_device, distributed_from_env, rank_and_world, shard_indices
 from .digits_features import (
     DigitsFeatureNet,
     DigitsSplit,
@@ -55,7 +57,6 @@ from .metrics import (
     inception_score,
     kernel_inception_distance,
 )
-from .process_group import check_device, distributed_from_env, rank_and_world, shard_indices
 from .reference_stats import (
     check_stats_file,
     compute_fid_stats_for_dataset,

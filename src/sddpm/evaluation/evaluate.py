@@ -7,7 +7,7 @@ The pieces live in their own modules: :mod:`.features` (the feature networks), :
 :mod:`.results` (metrics and the result record) and :mod:`.sweeps` (threshold sweeps).
 
 Distributed (``torchrun``): when a default process group is initialised (see
-:func:`~.process_group.distributed_from_env`), every rank generates its share
+:func:`sddpm.distributed.distributed_from_env`), every rank generates its share
 ``rank::world_size`` of the indices, the statistics are summed and the probabilities (and KID
 features) gathered, so every rank holds the same result; callers write on rank 0 only.
 
@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from ..diffusion import SamplingOptions
+from ..distributed import rank_and_world
 from .features import FEATURE_PRECISION, FeatureNetwork
-from .process_group import rank_and_world
 from .reference_stats import compute_fid_stats_for_dataset, load_fid_stats, load_kid_reference
 from .results import EvaluationResult, metrics_from_scores
 from .scores import generate_and_score

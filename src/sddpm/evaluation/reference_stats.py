@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..distributed import rank_and_world
 from ..io import atomic_path
 from .features import FEATURE_DIMS, FEATURE_NETWORKS, FeatureNetwork
-from .process_group import rank_and_world
 from .scores import SampleScores, score_dataset
 
 __all__ = [

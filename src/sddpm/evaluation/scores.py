@@ -20,10 +20,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..diffusion import SamplingOptions
+from ..distributed import all_gather_rows, shard_indices
 from ..finite import check_finite
 from .features import FeatureNetwork
 from .metrics import FeatureStats
-from .process_group import all_gather_rows, shard_indices
 
 if TYPE_CHECKING:
     from ..generation import SamplingSetup

@@ -23,11 +23,11 @@ import numpy as np
 import torch.distributed as dist
 
 from ..diffusion import SamplingOptions
+from ..distributed import rank_and_world
 from ..finite import NonFiniteError
 from ..io import atomic_path, write_json
 from .evaluate import _evaluate_prepared, _prepare
 from .features import PROXY_NOTE, FeatureNetwork
-from .process_group import rank_and_world
 from .results import EvaluationResult
 
 if TYPE_CHECKING:
