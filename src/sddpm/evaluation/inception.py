@@ -301,9 +301,11 @@ def _prepare_images(images: Tensor) -> Tensor:
                 f"expected images in [0, 1], got values in [{lo:.4g}, {hi:.4g}]; "
                 "map samples in [-1, 1] with (x + 1) / 2 and clamp to [0, 1]"
             )
+    if images.shape[1] == 1:
+        # Repeated before resizing, as the published code does: resizing one channel and
+        # copying it can differ in the last bit (the kernels vectorise over channels).
+        images = images.expand(-1, 3, -1, -1)
     x = F.interpolate(images, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
     return 2 * x - 1
 
 
