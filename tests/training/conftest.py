@@ -41,3 +41,19 @@ def tiny_config(*overrides: str) -> RunConfig:
 @pytest.fixture()
 def tiny():
     return tiny_config
+
+
+def poison_loss(monkeypatch, call: int, factor: float) -> None:
+    """Multiply the training loss of the ``call``-th micro-batch (1-based) by ``factor``
+    (NaN or inf): a non-finite loss at a known update."""
+    from sddpm.training import loop
+
+    real = loop.training_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * factor if calls["n"] == call else loss
+
+    monkeypatch.setattr(loop, "training_loss", poisoned)

@@ -32,6 +32,8 @@ from sddpm.training import loop as loop_module
 from sddpm.training import signals as signals_module
 from sddpm.training.signals import StopRequest
 
+from .conftest import poison_loss
+
 
 def _states_equal(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
@@ -246,15 +248,7 @@ def test_init_from_keeps_the_init_of_entries_the_new_config_adds_only(tmp_path, 
 
 
 def test_a_non_finite_loss_between_syncs_is_reported_at_its_own_step(tmp_path, tiny, monkeypatch):
-    real = loop_module.training_loss
-    calls = {"n": 0}
-
-    def poisoned(*args, **kwargs):
-        calls["n"] += 1
-        loss = real(*args, **kwargs)
-        return loss * float("inf") if calls["n"] == 5 else loss  # the 5th update
-
-    monkeypatch.setattr(loop_module, "training_loss", poisoned)
+    poison_loss(monkeypatch, 5, float("inf"))  # the 5th update
     run = tmp_path / "run"
     config = tiny("total_steps=12", "log_every=4", "checkpoint_every=3", "keep_last=0")
     with pytest.raises(loop_module.NonFiniteLossError, match="at step 5") as err:

@@ -17,7 +17,8 @@ from sddpm.training import (
     resumable_checkpoints,
     train,
 )
-from sddpm.training import loop as loop_module
+
+from .conftest import poison_loss
 
 
 def test_run_directory_layout(tmp_path, tiny):
@@ -83,15 +84,7 @@ def test_resume_is_bit_identical(tmp_path, tiny):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny, monkeypatch):
-    real = loop_module.training_loss
-    calls = {"n": 0}
-
-    def poisoned(*args, **kwargs):
-        calls["n"] += 1
-        loss = real(*args, **kwargs)
-        return loss * float("nan") if calls["n"] == 5 else loss  # the 5th update
-
-    monkeypatch.setattr(loop_module, "training_loss", poisoned)
+    poison_loss(monkeypatch, 5, float("nan"))  # the 5th update
     run = tmp_path / "run"
     with pytest.raises(NonFiniteLossError, match="at step 5") as err:
         train(tiny("total_steps=8"), run, progress=False)
