@@ -71,7 +71,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--max-calls", type=int, default=120, help="run samplers up to this")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--neuron-kernel", default="eager", help="eager or compiled")
+    ap.add_argument("--neuron-kernel", default="auto", help="auto, eager, compiled or triton")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast of the U-Net")
     args = ap.parse_args()
 

@@ -125,7 +125,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="default 10 (1 for 32x32+ on CPU)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--neuron-kernel", default="eager", help="eager or compiled")
+    ap.add_argument("--neuron-kernel", default="auto", help="auto, eager, compiled or triton")
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
     ap.add_argument("--project-steps", type=int, default=500_000, help="the paper's 500k")
     ap.add_argument("--no-save", action="store_true")

@@ -35,7 +35,7 @@ def load_for_sampling(
     path: str | os.PathLike,
     weights: str | None = None,
     device: str | torch.device = "cpu",
-    neuron_kernel: str = "eager",
+    neuron_kernel: str = "auto",
 ) -> SamplingSetup:
     """Load a model directory or a run directory's newest good checkpoint, with its schedule.
 
@@ -47,7 +47,7 @@ def load_for_sampling(
     ``diffusion_steps``. ``neuron_kernel`` is how its spiking neurons run
     (:func:`sddpm.snn.set_neuron_kernel`; copies made for sampling keep it)."""
     loaded = load_model(path, weights=weights, map_location=device)
-    set_neuron_kernel(loaded.model, neuron_kernel)
+    set_neuron_kernel(loaded.model, neuron_kernel, device=device)
     return SamplingSetup(loaded.model, loaded.schedule, loaded.prediction)
 
 

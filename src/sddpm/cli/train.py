@@ -57,7 +57,9 @@ def train_command(
         None, "--compile/--no-compile", help="torch.compile the model."
     ),
     neuron_kernel: str | None = typer.Option(
-        None, "--neuron-kernel", help="eager or compiled (torch.compile of the neuron loops)."
+        None,
+        "--neuron-kernel",
+        help="auto (triton on CUDA when installed, else eager), eager, compiled or triton.",
     ),
     init_from: Path | None = typer.Option(
         None,

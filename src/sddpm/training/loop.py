@@ -279,7 +279,8 @@ class Trainer:
         ctx, tcfg, device = self.ctx, self.tcfg, self.device
         torch.manual_seed(tcfg.seed)
         model = build_model(self.unet_cfg)
-        set_neuron_kernel(model, tcfg.neuron_kernel)
+        # checked now for the device it will run on: no Triton or C++ compiler fails before step 1
+        set_neuron_kernel(model, tcfg.neuron_kernel, device=device)
         # t is drawn below as randint(0, schedule.T) and schedule.T == diffusion_steps was
         # checked on the host: the model need not read t back to check it again.
         model.check_t_values = False
