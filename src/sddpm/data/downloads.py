@@ -15,12 +15,12 @@ import hashlib
 import os
 import shutil
 import tarfile
-import tempfile
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..io import atomic_dir, atomic_path
 from .datasets import CELEBA_FOLDER, CELEBA_URL, CIFAR10_FOLDER, CIFAR10_URL, IdxDataset
 from .errors import ChecksumError, DatasetError
 
@@ -149,24 +149,21 @@ def fetch_file(
     failures: list[str] = []
     mismatch = False
     for url in urls:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-        tmp = Path(tmp_name)
         try:
-            with os.fdopen(fd, "wb") as out:
-                fetch(url, out, progress, dest.name)
-            if checksum is not None:
-                algorithm, expected = checksum
-                got = file_checksum(tmp, algorithm)
-                if got != expected.lower():
-                    mismatch = True
-                    failures.append(f"{url}: {algorithm} {got}, expected {expected}")
-                    continue
-            os.replace(tmp, dest)
+            with atomic_path(dest) as tmp:  # renamed onto dest only when it checks out
+                with open(tmp, "wb") as out:
+                    fetch(url, out, progress, dest.name)
+                if checksum is not None:
+                    algorithm, expected = checksum
+                    got = file_checksum(tmp, algorithm)
+                    if got != expected.lower():
+                        raise _ChecksumMismatch(f"{algorithm} {got}, expected {expected}")
             return dest
+        except _ChecksumMismatch as e:
+            mismatch = True
+            failures.append(f"{url}: {e}")
         except Exception as e:
             failures.append(f"{url}: {type(e).__name__}: {e}")
-        finally:
-            tmp.unlink(missing_ok=True)  # a no-op once renamed into place
     error = ChecksumError if mismatch else DatasetError
     raise error(
         f"could not download {dest.name} to {dest.parent}:\n  "
@@ -193,18 +190,22 @@ def _safe_extract(archive: Path, dest: Path) -> None:
 
 def _extract_cifar(archive: Path, root: Path) -> Path:
     target = root / CIFAR10_FOLDER
-    tmp = Path(tempfile.mkdtemp(prefix=".cifar-extract.", dir=root))
-    try:
-        _safe_extract(archive, tmp)
-        extracted = tmp / CIFAR10_FOLDER
+    with atomic_dir(target) as staged:  # replaces target only once extraction completed
+        _safe_extract(archive, staged)
+        extracted = staged / CIFAR10_FOLDER
         if not extracted.is_dir():
             raise DatasetError(f"archive {archive} has no {CIFAR10_FOLDER}/ folder")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(extracted, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for item in list(staged.iterdir()):  # keep only the batches folder's content
+            if item != extracted:
+                shutil.rmtree(item) if item.is_dir() else item.unlink()
+        for item in extracted.iterdir():
+            os.replace(item, staged / item.name)
+        extracted.rmdir()
     return target
+
+
+class _ChecksumMismatch(Exception):
+    """A downloaded file whose checksum is not the expected one (the next URL is tried)."""
 
 
 def download(
