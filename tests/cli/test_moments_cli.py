@@ -114,7 +114,11 @@ def test_a_tsm_run_trains_its_scales_and_gives_moments(tmp_path):
             "num_samples=0", "device=cpu", "threads=1", "seed=3", "tsm=true"]  # fmt: skip
     config = run_preset("digits").override(tiny)
     run = tmp_path / "run"
-    train(config, run, command=["sddpm", "train"], progress=False)
+    threads = torch.get_num_threads()
+    try:
+        train(config, run, command=["sddpm", "train"], progress=False)
+    finally:
+        torch.set_num_threads(threads)  # train sets its own (threads=1)
     model = load_for_sampling(run, weights="model").model
     assert model.config.tsm
     scales = torch.cat([m.step_scale for _, m in tsm_scale_layers(model)])
