@@ -185,6 +185,7 @@ class RunConfig:
         """Raise ``ValueError`` listing every inconsistent setting."""
         from .data import dataset_info
         from .diffusion import PREDICTIONS, SAMPLERS
+        from .diffusion.options import MOMENT_SAMPLERS
         from .snn import KERNELS
 
         problems: list[str] = []
@@ -233,8 +234,12 @@ class RunConfig:
             problems.append(
                 f"train.neuron_kernel must be one of {KERNELS}, got {t.neuron_kernel!r}"
             )
-        if t.sampler not in SAMPLERS:
-            problems.append(f"train.sampler must be one of {SAMPLERS}, got {t.sampler!r}")
+        preview_samplers = tuple(s for s in SAMPLERS if s not in MOMENT_SAMPLERS)
+        if t.sampler not in preview_samplers:
+            problems.append(
+                f"train.sampler must be one of {preview_samplers} (the analytic samplers need "
+                f"eps moments of a trained model), got {t.sampler!r}"
+            )
         if t.batch_size % max(1, t.grad_accum):
             problems.append(
                 f"train.batch_size {t.batch_size} is not divisible by train.grad_accum "

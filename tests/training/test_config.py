@@ -67,6 +67,7 @@ def test_bad_overrides_name_the_problem(assignment, message):
 def test_validate_lists_problems():
     c = run_preset("digits").override(
         ["batch_size=10", "grad_accum=3", "image_channels=3", "neuron_kernel=fast"]
+        + ["sampler=analytic-ddpm"]
     )
     with pytest.raises(ValueError) as err:
         c.validate()
@@ -74,6 +75,10 @@ def test_validate_lists_problems():
     kernels = "('auto', 'eager', 'compiled', 'triton')"
     assert f"train.neuron_kernel must be one of {kernels}" in str(err.value)
     assert "1 channel(s) but the model takes 3" in str(err.value)
+    # sample grids during training have no eps moments: the analytic samplers are refused
+    assert "train.sampler must be one of ('ddpm', 'ddim', 'dpm-solver++', 'dpm-solver++3m')" in str(
+        err.value
+    )
 
 
 def test_cli_print_config_applies_options_and_sets():
