@@ -45,9 +45,10 @@ def test_eval_output_with_threshold_guidance(published_model, reference, kernel)
     assert (t["output.eval_threshold_scaled"] - t["output.eval"]).abs().max() > 1e-3
 
 
-def test_train_output_and_every_gradient(published_model, reference, kernel):
-    t, _ = reference
-    model = published_model.train()
+def train_output_and_gradients(model, t: dict, kernel: str):
+    """Our train-mode output for the vector's input (checked against ``output.train``) and the
+    gradients of the vector's loss, under published names, with the vector's ``grad.*``."""
+    model.train()
     set_neuron_kernel(model, kernel)
     out = model(t["input.x"], t["input.t"])
     assert_output_matches(out, t["output.train"])
@@ -56,6 +57,11 @@ def test_train_output_and_every_gradient(published_model, reference, kernel):
     grads = to_published({k: p.grad for k, p in model.named_parameters() if p.requires_grad})
     ref_grads = {k.removeprefix("grad."): v for k, v in t.items() if k.startswith("grad.")}
     assert sorted(grads) == sorted(ref_grads)
+    return grads, ref_grads
+
+
+def test_train_output_and_every_gradient(published_model, reference, kernel):
+    grads, ref_grads = train_output_and_gradients(published_model, reference[0], kernel)
     largest = max(g.abs().max().item() for g in ref_grads.values())
     for name, ref in ref_grads.items():
         ours = grads[name]
