@@ -35,7 +35,7 @@ class TrainingStopped(RuntimeError):
         self.resume_command = f"sddpm train --resume {run_dir}"
         super().__init__(
             f"{signal_name} received: stopped after step {step} and wrote {checkpoint}; "
-            f"continue with `{self.resume_command}`"
+            f"train(..., resume=True) on {run_dir} continues the run"
         )
 
 
