@@ -643,3 +643,45 @@ def test_cli_checkpoint_per_step_json_memory_model_and_steps_plot(tmp_path):
     assert both.exit_code == 2 and "exactly one of --run" in both.output
     bad = CliRunner().invoke(app, [*args[:-4], "--memory-model", "dram"])
     assert bad.exit_code == 2 and "--memory-model must be one of" in bad.output
+
+
+@pytest.mark.parametrize("folded", [False, True])
+def test_tsm_scales_are_real_multiplies_of_the_full_accounting(folded):
+    """SDM's TSM: every TSM conv's output is scaled per SNN step, one real multiply per output
+    element per step, in the full accounting only; the stem's conv still runs once on the
+    images; the ANN twin of a TSM model is the plain ANN."""
+    from sddpm.models import fold_batchnorm, tsm_scale_layers
+
+    torch.manual_seed(0)
+    base = preset("digits").replace(channels=8)
+    model = build_model(base.replace(tsm=True)).eval()
+    plain = build_model(base).eval()  # the same weights: TSM adds scales at 1, draws nothing
+    if folded:
+        model, plain = fold_batchnorm(model), fold_batchnorm(plain)
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([1, 400, 999])
+    reports = []
+    for net in (model, plain):
+        with EnergyMeter(net) as meter, torch.inference_mode():
+            net(x, t)
+        reports.append(meter.report())
+    tsm, ref = reports
+    S, ch = base.snn_timesteps, base.channels
+    convs = [name for name, _ in tsm_scale_layers(model)]
+    assert "stem.conv" in convs and "head.conv" in convs
+    scales = {
+        la.name.removesuffix(".step_scale"): la for la in tsm.layers if "step_scale" in la.name
+    }
+    assert sorted(scales) == sorted(convs)
+    for conv, la in scales.items():
+        assert la.kind == "mac" and not la.paper and la.module == "TSM step scale"
+        assert la.ops == layer(tsm, conv).outputs  # one multiply per output element per step
+        assert la.weights == S
+    assert scales["stem.conv"].ops == S * ch * 8 * 8  # by hand: the stem's [S, ch, 8, 8]
+    # The conv work is the plain model's: the stem conv runs once on the images (not S times).
+    assert layer(tsm, "stem.conv").ops == layer(ref, "stem.conv").ops == 8 * 8 * ch * 9
+    for la in ref.layers:
+        assert layer(tsm, la.name).dense_ops == la.dense_ops, la.name
+    added = sum(la.ops for la in scales.values())
+    assert tsm.per_call["macs"] == ref.per_call["macs"] + added
+    assert tsm.per_call["macs_paper"] == ref.per_call["macs_paper"]
+    assert tsm.ann["macs"] == ref.ann["macs"]  # the twin of a TSM model is the plain ANN

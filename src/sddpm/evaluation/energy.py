@@ -266,6 +266,7 @@ class EnergyMeter:
     def _attach(self) -> None:
         # the U-Net's head applies its temporal conv functionally; its blocks hold the
         # residual sums and the skip tensors
+        from ..models.tsm import TSM_CONVS
         from ..models.unet import Head, ResBlock, UNet
 
         skip_producers: set[str] = set()
@@ -284,6 +285,8 @@ class EnergyMeter:
                     hooks.append(self._sop_hook(name, self.spike_fed[name]))
                 else:
                     hooks.append(self._mac_hook(name))
+                if isinstance(m, TSM_CONVS):  # after the conv's own hook: its stats come first
+                    hooks.append(self._step_scale_hook(name))
             elif isinstance(m, Head):
                 hooks.append(self._head_hook(f"{name}.temporal_conv" if name else "temporal_conv"))
             elif isinstance(m, _ACTIVATIONS):
@@ -355,9 +358,14 @@ class EnergyMeter:
         return hook
 
     def _mac_hook(self, name: str):
+        from ..models.tsm import TSMRepeatedConv2d
+
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
             st = self._get(name, "mac", module)
             n = dense_ops(module, out)
+            if isinstance(module, TSMRepeatedConv2d):
+                # the stem's TSM conv runs on the B images once; only its scaling is per step
+                n //= module.step_scale.shape[0]
             st.ops += n
             st.dense += n
             x = args[0]
@@ -365,6 +373,29 @@ class EnergyMeter:
             st.outputs += out.numel()
             st.in_map, st.out_map = _sample_size(module, x), _sample_size(module, out)
             st.executions += out.numel() // st.out_map
+
+        return hook
+
+    def _step_scale_hook(self, name: str):
+        """SDM's TSM scales: one real multiply per output element per SNN step (in a
+        BatchNorm-folded model fused with the add of ``step_shift``), counted as MACs in the
+        full accounting; its parameters are the S scales (and the C shifts)."""
+        scale_name = f"{name}.step_scale"
+
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            new = scale_name not in self._stats
+            st = self._get(scale_name, "mac", module)
+            if new:  # its own parameters, not the conv's; not a conv (never the paper's one)
+                st.module, st.is_conv = "TSM step scale", False
+                st.weights = module.step_scale.numel()
+                st.biases = 0 if module.step_shift is None else module.step_shift.numel()
+            n = out.numel()
+            st.ops += n
+            st.dense += n
+            st.inputs += n
+            st.outputs += n
+            st.in_map = st.out_map = _sample_size(module, out)
+            st.executions += n // st.out_map
 
         return hook
 
@@ -547,7 +578,7 @@ def ann_twin_report(config: Any) -> EnergyReport:
     forward pass of a freshly built twin on the CPU; none of it depends on the data)."""
     from ..models import build_model
 
-    cfg = config.replace(kind="ann")
+    cfg = config.ann_twin()  # a TSM model's twin is the plain ANN
     model = build_model(cfg).eval()
     x = torch.zeros(1, cfg.image_channels, cfg.image_size, cfg.image_size)
     t = torch.zeros(1, dtype=torch.long)
