@@ -30,6 +30,13 @@ papers). The report gives the paper's accounting (SOPs + MACs of the first conv 
 full one (SOPs + MACs of every real-fed layer), per U-Net call and per generated image, and the
 ANN twin's dense MACs for the same architecture.
 
+A third accounting, memory-aware (:mod:`.energy_memory`, after Lemaire et al. with Horowitz's
+constants), adds what the first two leave out: neuron updates, addressing, weight, bias,
+membrane and spike memory traffic, and the real-valued paths (residual sums and skip tensors are
+measured by hooks on the U-Net's blocks). The ANN twin is measured the same way
+(:func:`ann_twin_report`). The data-dependent counters are kept per call, so the report also
+gives every diffusion step t of a sampling trajectory its own firing rate and energy.
+
 Every layer is counted as executed: the U-Net's stem conv runs once per call (its output is
 broadcast over the S SNN steps), the time-embedding linears and time projections once per
 call, every other layer once per SNN step. The head's temporal conv is applied functionally
