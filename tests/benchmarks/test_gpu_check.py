@@ -52,7 +52,9 @@ def test_quick_cpu_run_passes_every_check(tmp_path):
     assert expected <= set(rows), sorted(rows)
     assert any(name.startswith("sample dpm-solver++ 20, bf16 + compile") for name in rows)
     assert any(name.startswith("DDP one-process step") for name in rows)
-    assert all(r["status"] in ("PASS", "INFO") for r in rows.values())
+    # a kernel this CPU cannot run (no C++ compiler for "compiled") is skipped, not failed
+    assert all(r["status"] in ("PASS", "INFO", "SKIP") for r in rows.values())
+    assert not any(r["status"] == "SKIP" for n, r in rows.items() if "neuron kernel" not in n)
     for kind in ("spiking", "ann"):
         assert rows[f"train {kind}"]["images_per_s"] > 0
     assert rows["checkpoint + resume"]["max_abs_diff"] == 0.0  # bit-identical on the CPU
