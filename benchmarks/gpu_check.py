@@ -445,13 +445,15 @@ def check_kernels(checks: Checks, device) -> None:
                     continue
                 flips = int((s != ref_s).sum())
                 gdiff = float((grad - ref_g).abs().max())
-                tol = 1e-5 if dtype == torch.float32 else 2e-2
-                ok = flips == 0 and gdiff <= tol
+                # float32: rounding; bf16: the float32 gradients may round to neighbouring bf16
+                # values (one bf16 step is 2^-7 of the value's power of two)
+                rel = 1e-5 if dtype == torch.float32 else 2**-7
+                ok = flips == 0 and bool(((grad - ref_g).abs() <= rel * ref_g.abs() + 1e-6).all())
                 checks.add(
                     name,
                     "PASS" if ok else "FAIL",
                     f"{flips} spike flips",
-                    f"max |grad diff| {gdiff:.2e} (tolerance {tol:g}) vs eager",
+                    f"max |grad diff| {gdiff:.2e} (within {rel:g} of each gradient) vs eager",
                 )
 
 

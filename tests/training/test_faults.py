@@ -66,7 +66,8 @@ def test_signal_between_checkpoints_then_resume_is_bit_identical(
     monkeypatch.undo()
     assert stopped.value.step == 6 and stopped.value.signal_name == signal.Signals(signum).name
     assert stopped.value.checkpoint == run / "checkpoints" / "step_00000006"
-    assert f"sddpm train --resume {run}" in str(stopped.value)
+    assert stopped.value.resume_command == f"sddpm train --resume {run}"
+    assert "resume=True" in str(stopped.value)  # the library says how, in library terms
     assert [p.name for p in resumable_checkpoints(run)] == ["step_00000004", "step_00000006"]
     assert load_training_state(stopped.value.checkpoint)["step"] == 6
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored

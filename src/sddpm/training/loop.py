@@ -530,6 +530,9 @@ class Trainer:
             except Exception as err:  # e.g. OSError: no space left on device
                 error = err
         if any_rank(self.ctx, error is not None):
+            # Every rank knows now and leaves together: a rank that tears its process group
+            # down while another is still in a collective can abort the other's process.
+            barrier(self.ctx)
             if error is not None:
                 raise CheckpointWriteError(
                     f"could not write the {what} of step {self.step} in {self.run_dir}: {error}. "
@@ -637,6 +640,7 @@ class Trainer:
                 self.logger.close()
             self.batches.close()
         if self.stop.requested and self.step < tcfg.total_steps:  # (not when it just finished)
+            barrier(ctx)  # the ranks agreed on this step: they leave together (see _on_main)
             raise TrainingStopped(self.stop.name, self.step, self.last_ckpt, self.run_dir)
         if ctx.is_main and self.progress and self.step > self.start_step:
             tqdm.write(
