@@ -44,6 +44,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 INCEPTION_VECTORS = REPO / "tests" / "data" / "fid-inception.safetensors"
 TARGETS = {"images_per_s": 1500.0, "spiking_over_ann": 4.0, "conv_share": 0.40}
+# The cifar10 architecture shrunk for the quick checks: every kind of block, few layers.
+QUICK_MODEL = {"channels": 8, "channel_mult": (1, 2), "num_res_blocks": 1}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -132,7 +134,7 @@ class TrainingStep:
     """One optimiser update as ``sddpm train`` makes it: bf16 autocast, the diffusion loss,
     backward, gradient clipping, Adam, EMA, on random images in [-1, 1]."""
 
-    def __init__(self, preset_name: str, kind: str, batch: int, device, channels=None) -> None:
+    def __init__(self, preset_name: str, kind: str, batch: int, device, shrink=None) -> None:
         import torch
 
         from sddpm.config import run_preset
@@ -140,8 +142,8 @@ class TrainingStep:
         from sddpm.training import EMA, build_optimizer, trainable_parameters
 
         config = run_preset(preset_name, kind)
-        if channels:
-            config = config.override({"channels": channels})
+        if shrink:  # model settings to override, e.g. QUICK_MODEL
+            config = config.override(dict(shrink))
         self.config = config
         unet = config.unet_config()
         self.schedule = config.diffusion.build()
@@ -207,7 +209,7 @@ def dense_conv_flops_per_s(device, quick: bool) -> float:
 
 
 def check_training(checks: Checks, args, device) -> None:
-    preset_name, channels = ("cifar10", 8) if args.quick else ("cifar10", None)
+    preset_name, shrink = "cifar10", (QUICK_MODEL if args.quick else None)
     batch = args.batch or (2 if args.quick else 128)
     steps = args.steps or (1 if args.quick else 10)
     warmup = 1 if args.quick else 3
@@ -215,7 +217,7 @@ def check_training(checks: Checks, args, device) -> None:
     for kind in ("spiking", "ann"):
         with checks.run(f"train {kind}"):
             reset_peak(device)
-            step = TrainingStep(preset_name, kind, batch, device, channels)
+            step = TrainingStep(preset_name, kind, batch, device, shrink)
             losses = [step() for _ in range(warmup)]
             sync(device)
             t0 = time.perf_counter()
@@ -242,7 +244,7 @@ def check_training(checks: Checks, args, device) -> None:
                 projected_hours_500k=hours,
                 conv_flops_per_step=flops,
                 preset=preset_name,
-                channels=channels,
+                model_overrides=shrink,
             )
             if kind == "spiking":
                 results["conv_flops_per_s"] = flops / seconds
@@ -296,12 +298,12 @@ def write_image_folder(root: Path, count: int, size: int) -> Path:
 
 
 def small_run_config(data_root: Path, device, total_steps: int):
-    """A few-step run of the cifar10 architecture at 8 channels on an image folder."""
+    """A few-step run of the cifar10 architecture, shrunk (QUICK_MODEL), on an image folder."""
     from sddpm.config import run_preset
 
     config = run_preset("cifar10").override(
         {
-            "channels": 8,
+            **QUICK_MODEL,
             "dataset": "folder",
             "data.root": str(data_root),
             "batch_size": 4,
@@ -397,7 +399,7 @@ def ddp_worker(spec_path: Path) -> None:
         kwargs["device_id"] = device
     dist.init_process_group(**kwargs)
     try:
-        step = TrainingStep("cifar10", "spiking", 2, device, channels=8)
+        step = TrainingStep("cifar10", "spiking", 2, device, QUICK_MODEL)
         ids = [device.index] if device.type == "cuda" else None
         ddp = torch.nn.parallel.DistributedDataParallel(step.model, ids)
         step.net = torch.compile(ddp, backend=spec["backend"])
@@ -467,7 +469,7 @@ def check_sampling(checks: Checks, device, quick: bool, backend: str) -> None:
     with checks.run(name):
         cfg = preset("cifar10").replace(channels=32)
         if quick:  # compilation time grows with the number of distinct layers
-            cfg = cfg.replace(channels=8, channel_mult=(1, 2), num_res_blocks=1, image_size=16)
+            cfg = cfg.replace(**QUICK_MODEL, image_size=16)
         torch.manual_seed(0)
         model = build_model(cfg).to(device).eval()
         shape = (cfg.image_channels, cfg.image_size, cfg.image_size)
