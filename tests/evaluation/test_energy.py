@@ -643,3 +643,27 @@ def test_cli_checkpoint_per_step_json_memory_model_and_steps_plot(tmp_path):
     assert both.exit_code == 2 and "exactly one of --run" in both.output
     bad = CliRunner().invoke(app, [*args[:-4], "--memory-model", "dram"])
     assert bad.exit_code == 2 and "--memory-model must be one of" in bad.output
+
+
+def test_guided_sampling_energy_counts_two_evaluations_per_image_and_step():
+    from sddpm.evaluation.energy import measure_sampling_energy
+
+    torch.manual_seed(0)
+    cfg = UNetConfig(
+        image_channels=1, image_size=8, channels=8, channel_mult=(1, 2), num_res_blocks=1,
+        num_classes=3,
+    )  # fmt: skip
+    model = build_model(cfg).eval()
+    kw = dict(sampler="ddim", steps=2, batch_size=2, progress=False, labels=[1])
+    plain = measure_sampling_energy(model, 3, guidance=1.0, **kw)
+    guided = measure_sampling_energy(model, 3, guidance=2.0, **kw)
+    # 3 images x 2 steps: 6 evaluations in 4 calls (batches 2, 1); guided: 12 in the same 4
+    assert (plain.evaluations, plain.model_calls, plain.calls_per_image) == (6, 4, 2.0)
+    assert (guided.evaluations, guided.model_calls, guided.calls_per_image) == (12, 4, 4.0)
+    assert guided.settings["steps"] == 2 and guided.settings["guidance"] == 2.0
+    # the per-call numbers are those of one image evaluation; per image, twice as many calls
+    per_call = guided.per_call["sops"]
+    assert guided.per_image["sops"] == pytest.approx(4 * per_call)
+    assert "two U-Net evaluations per step" in guided.table()
+    assert "two U-Net evaluations" in guided.to_dict()["guidance_note"]
+    assert "guidance_note" not in plain.to_dict() and "two U-Net" not in plain.table()

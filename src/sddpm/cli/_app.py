@@ -159,7 +159,8 @@ def fail_with(err: Exception) -> None:
     from ..diffusion import OptionError
 
     if isinstance(err, OptionError) and err.field in SAMPLING_FLAGS:
-        fail(f"{SAMPLING_FLAGS[err.field][0]}: {err}")
+        flag = "--class/--labels" if err.field == "labels" else SAMPLING_FLAGS[err.field][0]
+        fail(f"{flag}: {err}")
     fail(str(err))
 
 
