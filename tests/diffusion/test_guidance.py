@@ -319,10 +319,10 @@ class ConfiguredGaussians(ClassGaussians):
 @pytest.mark.parametrize("w", [0.0, 2.5])
 def test_sample_with_guidance_is_the_guided_gaussian_and_cycles_labels_by_index(w):
     model = ConfiguredGaussians()
-    idx = [4, 5, 6, 7]
+    idx = [5, 6, 7, 8]
     x_T = initial_noise(idx, (1, 4, 4), seed=1)
     x0 = sample(model, x_T, "ddim", steps=10, labels=(1, 2), guidance=w, indices=idx, seed=1)
-    labels = [1, 2, 1, 2]  # image i: (1, 2)[i % 2]
+    labels = [2, 1, 2, 1]  # image i: (1, 2)[i % 2], by its global index
     assert model.calls[0] == ([K] * 4 if w == 0 else labels + [K] * 4)  # w = 0: null alone
     for b, k in enumerate(labels):
         oracle = GaussianEps(SCHEDULE, NULL_MEAN + w * (MEANS[k] - NULL_MEAN), S)
