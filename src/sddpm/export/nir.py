@@ -434,7 +434,6 @@ def export_nir(model: nn.Module, t: int, *, dtype: str = "float32", y: int | Non
         "sddpm_version": sddpm.__version__,
         "nir_version": str(getattr(nir, "__version__", "unknown")),
         "t": int(t),
-        "class": None if y is None else int(y),
         "snn_steps": int(cfg.snn_timesteps),
         "dtype": dtype,
         "input": "x_t [C, H, W], the same tensor on every SNN step",
@@ -475,6 +474,8 @@ def export_nir(model: nn.Module, t: int, *, dtype: str = "float32", y: int | Non
             ),
         },
     }
+    if y is not None:  # (HDF5 metadata holds no None)
+        metadata["class"] = int(y)
     return nir.NIRGraph(nodes=nodes, edges=edges, metadata=metadata, type_check=False)
 
 
