@@ -152,11 +152,11 @@ def sample(
     if callable(validate):
         validate(x_T)
 
-    guidance = (
+    threshold_guidance = (
         _override_threshold(model, threshold) if threshold is not None else contextlib.nullcontext()
     )
     x = x_T.to(torch.float32)
-    with torch.inference_mode(), guidance:
+    with torch.inference_mode(), threshold_guidance:
         if sampler == "ddpm":
             noise = PerImageRandn(idx, int(seed), SAMPLER_NOISE_STREAM, x.device)
             out = ddpm_sample(
