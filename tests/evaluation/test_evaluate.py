@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 from sddpm.cli import app
 from sddpm.data import build_dataset
+from sddpm.diffusion import DEFAULT_GUIDANCE
 from sddpm.evaluation import (
     EvaluationResult,
     FeatureNetwork,
@@ -663,17 +664,17 @@ def test_evaluate_spreads_labels_uniformly_over_the_classes(
     seen = record_labels(monkeypatch)
     net = FeatureNetwork.digits(digits_net)
     kw = dict(sampler="ddim", steps=2, batch_size=3, progress=False)
-    result = evaluate_model(setup, net, digits_stats, 8, **kw)
+    result = evaluate_model(setup, net, digits_stats, 8, guidance=1.0, **kw)
     # image i of class i mod 4, chunk by chunk, once per step (guidance 1: one branch)
     chunks = [[0, 1, 2], [3, 0, 1], [2, 3]]
     assert seen == [c for c in chunks for _ in range(2)]
     assert result.settings["labels"] == [0, 1, 2, 3] and result.settings["guidance"] == 1.0
     # the same images as asking for the labels explicitly
-    same = evaluate_model(setup, net, digits_stats, 8, labels=[0, 1, 2, 3], **kw)
+    same = evaluate_model(setup, net, digits_stats, 8, labels=[0, 1, 2, 3], guidance=1.0, **kw)
     assert same.fid == result.fid
-    guided = evaluate_model(setup, net, digits_stats, 8, guidance=2.0, **kw)
+    guided = evaluate_model(setup, net, digits_stats, 8, **kw)  # the default guidance
     assert seen[-1] == [2, 3, 4, 4]  # [y; null] in one call
-    assert guided.fid != result.fid and guided.settings["guidance"] == 2.0
+    assert guided.fid != result.fid and guided.settings["guidance"] == DEFAULT_GUIDANCE != 1
 
 
 def test_sweep_guidance_cli(cond_model_dir, model_dir, digits_stats, tmp_path):
