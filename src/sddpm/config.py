@@ -138,6 +138,9 @@ class TrainSettings:
     bf16: bool = True  # bfloat16 autocast, on CUDA only (ignored on the CPU)
     sync_bn: bool = False  # SyncBatchNorm under DDP (CUDA only): BN statistics over all ranks
     init_from: str | None = None  # a run or model directory whose weights (EMA) start the run
+    # class-conditional models (num_classes > 0): the probability that a training label is
+    # replaced by the null class (classifier-free guidance's label dropout)
+    cond_drop: float = 0.1
 
 
 _SECTIONS = ("model", "data", "diffusion", "optim", "train")
@@ -228,6 +231,8 @@ class RunConfig:
         for name in ("checkpoint_every", "keep_last", "sample_every", "num_samples", "seed"):
             if getattr(t, name) < 0:
                 problems.append(f"train.{name} must be >= 0, got {getattr(t, name)}")
+        if not 0 <= t.cond_drop <= 1:
+            problems.append(f"train.cond_drop must be in [0, 1], got {t.cond_drop}")
         if t.threads is not None and t.threads < 1:
             problems.append(f"train.threads must be >= 1 or null, got {t.threads}")
         if t.neuron_kernel not in KERNELS:

@@ -14,9 +14,17 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .diffusion import NoiseSchedule, SamplingOptions, initial_noise, sample
+from .diffusion import (
+    NoiseSchedule,
+    OptionError,
+    SamplingOptions,
+    cycle_labels,
+    initial_noise,
+    sample,
+)
 from .finite import check_finite, check_finite_weights
 from .models import fold_batchnorm
+from .models.labels import check_labels
 from .models.unet import UNet
 from .rundir import load_model
 from .snn import set_neuron_kernel
@@ -51,6 +59,37 @@ def load_for_sampling(
     return SamplingSetup(loaded.model, loaded.schedule, loaded.prediction)
 
 
+def num_classes_of(model: torch.nn.Module) -> int:
+    """The class count of a model (``config.num_classes``; 0: unconditional)."""
+    return int(getattr(getattr(model, "config", None), "num_classes", 0) or 0)
+
+
+def class_options(options: SamplingOptions, model: torch.nn.Module) -> SamplingOptions:
+    """``options`` fitted to ``model``'s classes, checked before any image is made.
+
+    A class-conditional model (``config.num_classes = N > 0``) sampled without ``labels`` gets
+    ``labels = (0, ..., N-1)``: image ``i`` of a generation is of class ``i mod N``, so a set of
+    images is spread uniformly over the classes. Given labels are checked against the model:
+    ``ValueError`` for labels out of ``0..N`` (``N`` the null class) or given to an
+    unconditional model."""
+    n = num_classes_of(model)
+    if options.labels is None:
+        return options.replace(labels=tuple(range(n))) if n > 0 else options
+    try:
+        check_labels(list(options.labels), n)
+    except ValueError as err:  # named as the option (the CLI names its flag)
+        raise OptionError("labels", str(err)) from None
+    return options
+
+
+def image_labels(indices: int | Sequence[int], options: SamplingOptions) -> torch.Tensor | None:
+    """The class of every image (by global index) that ``options`` asks for, int64 ``[N]``
+    (``labels`` cycled over the indices), or ``None`` without labels."""
+    if options.labels is None:
+        return None
+    return cycle_labels(indices, options.labels)
+
+
 def generate_batches(
     model: torch.nn.Module,
     indices: int | Sequence[int],
@@ -80,13 +119,18 @@ def generate_batches(
     memory. Pass ``fold_bn=False`` to sample with ``model`` itself (e.g. one already folded
     and carrying measurement hooks).
 
+    A class-conditional model samples image ``i`` with class ``labels[i % len(labels)]``
+    (``options.labels``; without them, ``i mod num_classes``: see :func:`class_options`) and
+    classifier-free guidance ``options.guidance``: one batched U-Net call of ``2b`` images per
+    step (``b`` when the guidance is 1).
+
     Raises:
         NonFiniteError: before any image, when the model holds NaN or infinite weights; and
             for a batch whose images are not finite (nothing of that batch is yielded).
     """
     if "compile_model" in changes:
         changes["compile"] = changes.pop("compile_model")
-    opts = SamplingOptions.build(options, **changes)
+    opts = class_options(SamplingOptions.build(options, **changes), model)
     idx = list(range(indices)) if isinstance(indices, int) else [int(i) for i in indices]
     check_finite_weights(model)
     if fold_bn and isinstance(model, UNet):

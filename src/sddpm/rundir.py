@@ -140,9 +140,16 @@ def checkpoint_step(path: str | os.PathLike) -> int:
 
 # ---------------------------------------------------------------------- run config
 def write_run_config(
-    run_dir: str | os.PathLike, config: RunConfig, command: list[str] | None = None
+    run_dir: str | os.PathLike,
+    config: RunConfig,
+    command: list[str] | None = None,
+    *,
+    classes: list[str] | None = None,
 ) -> Path:
-    """Write ``RUN_DIR/config.json`` (atomically), appending ``command`` to its history."""
+    """Write ``RUN_DIR/config.json`` (atomically), appending ``command`` to its history.
+
+    ``classes``: a class-conditional run's class names (label ``k`` is ``classes[k]``; for an
+    image folder, its sorted subfolder names), written as ``"classes"``."""
     path = Path(run_dir) / CONFIG_NAME
     commands: list[dict[str, Any]] = []
     if path.is_file():
@@ -166,6 +173,7 @@ def write_run_config(
             "config": config.to_dict(),
             "commands": commands,
             "versions": {"sddpm": __version__, "torch": torch.__version__},
+            **({"classes": list(classes)} if classes is not None else {}),
         },
     )
     return path

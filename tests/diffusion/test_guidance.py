@@ -1,14 +1,17 @@
 """Classifier-free guidance: the formula, one batched call, samplers, threshold, label dropout."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
 from sddpm.diffusion import (
+    DEFAULT_GUIDANCE,
     GuidedModel,
     NoiseSchedule,
+    SamplingOptions,
     cycle_labels,
     drop_labels,
     initial_noise,
@@ -277,3 +280,82 @@ def test_label_dropout_generator_per_rank_and_resumable():
     resumed = torch.Generator()
     resumed.set_state(state)
     assert all(torch.equal(a, drop_labels(y, 0.5, 10, resumed)) for a in after)
+
+
+# ---------------------------------------------------------------- sample(labels=, guidance=)
+class Conditional(nn.Module):
+    """The plain conditional model ``model(x, t, y)`` for fixed labels, without the wrapper."""
+
+    def __init__(self, model, y):
+        super().__init__()
+        self.model, self.y = model, y
+
+    def forward(self, x, t):
+        return self.model(x, t, self.y)
+
+
+@pytest.mark.parametrize("sampler, kwargs", [("ddim", {"steps": 3}), ("ddpm", {"steps": 3})])
+def test_sample_with_labels_and_w_1_is_the_plain_conditional_sample(sampler, kwargs):
+    unet = tiny_unet()
+    y = torch.tensor([2, 0, 1])
+    x_T = initial_noise(3, (1, 8, 8), seed=5)
+    plain = sample(Conditional(unet, y), x_T, sampler, seed=5, **kwargs)
+    calls = count_calls(unet)
+    guided = sample(unet, x_T, sampler, seed=5, labels=y, guidance=1.0, **kwargs)
+    assert torch.equal(guided, plain)
+    assert calls == [(3, [2, 0, 1])] * 3  # no unconditional branch at all
+    opts = SamplingOptions(sampler=sampler, seed=5, labels=[2, 0, 1], guidance=1.0, **kwargs)
+    assert torch.equal(sample(unet, x_T, options=opts), plain)
+    # the default guidance of a labelled sample is DEFAULT_GUIDANCE
+    default = sample(unet, x_T, sampler, seed=5, labels=y, **kwargs)
+    w = sample(unet, x_T, sampler, seed=5, labels=y, guidance=DEFAULT_GUIDANCE, **kwargs)
+    assert torch.equal(default, w)
+
+
+class ConfiguredGaussians(ClassGaussians):
+    config = SimpleNamespace(num_classes=K)  # what sample() reads the class count from
+
+
+@pytest.mark.parametrize("w", [0.0, 2.5])
+def test_sample_with_guidance_is_the_guided_gaussian_and_cycles_labels_by_index(w):
+    model = ConfiguredGaussians()
+    idx = [5, 6, 7, 8]
+    x_T = initial_noise(idx, (1, 4, 4), seed=1)
+    x0 = sample(model, x_T, "ddim", steps=10, labels=(1, 2), guidance=w, indices=idx, seed=1)
+    labels = [2, 1, 2, 1]  # image i: (1, 2)[i % 2], by its global index
+    assert model.calls[0] == ([K] * 4 if w == 0 else labels + [K] * 4)  # w = 0: null alone
+    for b, k in enumerate(labels):
+        oracle = GaussianEps(SCHEDULE, NULL_MEAN + w * (MEANS[k] - NULL_MEAN), S)
+        expected = sample(oracle, x_T[b : b + 1], "ddim", steps=10, seed=1)
+        torch.testing.assert_close(x0[b : b + 1], expected, rtol=0, atol=1e-4)
+
+
+def test_sample_labels_bad_input():
+    unet = tiny_unet()
+    x_T = initial_noise(2, (1, 8, 8))
+    with pytest.raises(ValueError, match=r"class indices in \[0, 2\] or 3"):
+        sample(unet, x_T, "ddim", steps=1, labels=[0, 4])
+    with pytest.raises(ValueError, match="needs class labels"):
+        sample(unet, x_T, "ddim", steps=1, guidance=2.0)
+    with pytest.raises(ValueError, match="guidance must be a finite number >= 0"):
+        sample(unet, x_T, "ddim", steps=1, labels=[0, 1], guidance=-1.0)
+    plain = build_model(UNetConfig(image_channels=1, image_size=8, channels=8,
+                                   channel_mult=(1, 2), num_res_blocks=1)).eval()  # fmt: skip
+    with pytest.raises(ValueError, match="unconditional model"):
+        sample(plain, x_T, "ddim", steps=1, labels=[0, 1])
+
+
+def test_generation_spreads_a_conditional_model_over_its_classes_whatever_the_batch():
+    from sddpm.generation import generate
+
+    unet = tiny_unet()
+    calls = count_calls(unet)
+    kw = dict(sampler="ddim", steps=2, guidance=2.0, progress=False, fold_bn=False)
+    whole = generate(unet, 7, (1, 8, 8), batch_size=7, **kw)
+    assert calls == [(14, [0, 1, 2, 0, 1, 2, 0] + [K] * 7)] * 2  # image i: class i mod K
+    calls.clear()
+    parts = generate(unet, 7, (1, 8, 8), batch_size=3, **kw)
+    assert [c[1][: c[0] // 2] for c in calls[::2]] == [[0, 1, 2], [0, 1, 2], [0]]
+    torch.testing.assert_close(parts, whole, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="labels must be class indices"):
+        generate(unet, 2, (1, 8, 8), labels=[5], sampler="ddim", steps=1, progress=False)

@@ -685,3 +685,31 @@ def test_tsm_scales_are_real_multiplies_of_the_full_accounting(folded):
     assert tsm.per_call["macs"] == ref.per_call["macs"] + added
     assert tsm.per_call["macs_paper"] == ref.per_call["macs_paper"]
     assert tsm.ann["macs"] == ref.ann["macs"]  # the twin of a TSM model is the plain ANN
+
+
+def test_guided_sampling_energy_counts_two_evaluations_per_image_and_step():
+    from sddpm.evaluation.energy import measure_sampling_energy
+
+    torch.manual_seed(0)
+    cfg = UNetConfig(
+        image_channels=1, image_size=8, channels=8, channel_mult=(1, 2), num_res_blocks=1,
+        num_classes=3,
+    )  # fmt: skip
+    model = build_model(cfg).eval()
+    kw = dict(sampler="ddim", steps=2, batch_size=2, progress=False, labels=[1])
+    plain = measure_sampling_energy(model, 3, guidance=1.0, **kw)
+    guided = measure_sampling_energy(model, 3, guidance=2.0, **kw)
+    # 3 images x 2 steps: 6 evaluations in 4 calls (batches 2, 1); guided: 12 in the same 4
+    assert (plain.evaluations, plain.model_calls, plain.calls_per_image) == (6, 4, 2.0)
+    assert (guided.evaluations, guided.model_calls, guided.calls_per_image) == (12, 4, 4.0)
+    assert guided.settings["steps"] == 2 and guided.settings["guidance"] == 2.0
+    # the per-call numbers are those of one image evaluation; per image, twice as many calls
+    per_call = guided.per_call["sops"]
+    assert guided.per_image["sops"] == pytest.approx(4 * per_call)
+    assert "two U-Net evaluations per step" in guided.table()
+    assert "two U-Net evaluations" in guided.to_dict()["guidance_note"]
+    assert "guidance_note" not in plain.to_dict() and "two U-Net" not in plain.table()
+    # without labels the images are spread over the classes, and recorded so
+    spread = measure_sampling_energy(model, 3, sampler="ddim", guidance=2.0, progress=False)
+    assert spread.evaluations == 3 * 100 * 2 and spread.settings["labels"] == [0, 1, 2]
+    assert spread.settings["steps"] == 100 and "two U-Net" in spread.table()  # steps=None

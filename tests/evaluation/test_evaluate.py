@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 from sddpm.cli import app
 from sddpm.data import build_dataset
+from sddpm.diffusion import DEFAULT_GUIDANCE
 from sddpm.evaluation import (
     EvaluationResult,
     FeatureNetwork,
@@ -614,3 +615,105 @@ def test_feature_networks_run_without_tf32_and_restore_it():
         )
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+# ------------------------------------------------------------------ class-conditional models
+
+
+@pytest.fixture(scope="module")
+def cond_model_dir(tmp_path_factory):
+    cfg = UNetConfig(
+        image_channels=1, image_size=8, channels=8, channel_mult=(1, 2), num_res_blocks=1,
+        diffusion_steps=T, num_classes=4,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    with torch.no_grad():
+        nn.init.normal_(model.head.conv.weight, std=0.3)
+        model.class_embed.weight.normal_(0, 2.0)
+    model.train()(torch.randn(8, 1, 8, 8), torch.randint(0, T, (8,)))  # BN running stats
+    path = tmp_path_factory.mktemp("cond") / "model"
+    extra = {
+        "diffusion": {
+            "schedule": {"kind": "linear", "T": T, "beta_1": 1e-4, "beta_T": 0.02},
+            "prediction": "eps",
+        }
+    }
+    save_pretrained(model.eval(), path, extra=extra)
+    return path
+
+
+def record_labels(monkeypatch):
+    """The labels of every U-Net call (any copy of the model)."""
+    from sddpm.models import UNet
+
+    seen, real = [], UNet.forward
+
+    def forward(self, x, t, y=None):
+        seen.append(None if y is None else y.tolist())
+        return real(self, x, t, y)
+
+    monkeypatch.setattr(UNet, "forward", forward)
+    return seen
+
+
+def test_evaluate_spreads_labels_uniformly_over_the_classes(
+    cond_model_dir, digits_net, digits_stats, monkeypatch
+):
+    setup = load_for_sampling(cond_model_dir)
+    seen = record_labels(monkeypatch)
+    net = FeatureNetwork.digits(digits_net)
+    kw = dict(sampler="ddim", steps=2, batch_size=3, progress=False)
+    result = evaluate_model(setup, net, digits_stats, 8, guidance=1.0, **kw)
+    # image i of class i mod 4, chunk by chunk, once per step (guidance 1: one branch)
+    chunks = [[0, 1, 2], [3, 0, 1], [2, 3]]
+    assert seen == [c for c in chunks for _ in range(2)]
+    assert result.settings["labels"] == [0, 1, 2, 3] and result.settings["guidance"] == 1.0
+    # the same images as asking for the labels explicitly
+    same = evaluate_model(setup, net, digits_stats, 8, labels=[0, 1, 2, 3], guidance=1.0, **kw)
+    assert same.fid == result.fid
+    guided = evaluate_model(setup, net, digits_stats, 8, **kw)  # the default guidance
+    assert seen[-1] == [2, 3, 4, 4]  # [y; null] in one call
+    assert guided.fid != result.fid and guided.settings["guidance"] == DEFAULT_GUIDANCE != 1
+
+
+def test_sweep_guidance_cli(cond_model_dir, model_dir, digits_stats, tmp_path):
+    out = tmp_path / "sweep"
+    args = ["sweep-guidance", "--run", cond_model_dir, "--values", "0,1,2.5", "--num", 8]
+    args += ["--metric", "proxy-fid", "--sampler", "ddim", "--steps", 2, "--stats", digits_stats]
+    result = run_cli([*args, "--out", out])
+    assert result.exit_code == 0, result.output
+    table = json.loads((out / "sweep.json").read_text())
+    assert table["param"] == "guidance" and [r["guidance"] for r in table["rows"]] == [0, 1, 2.5]
+    assert table["labels"] == [0, 1, 2, 3]
+    values = [r["proxy_fid"] for r in table["rows"]]
+    assert len(set(values)) == 3  # w changes the images
+    setup = load_for_sampling(cond_model_dir)
+    net = FeatureNetwork.digits(load_digits_feature_net())
+    one = evaluate_model(setup, net, digits_stats, 8, sampler="ddim", steps=2, guidance=2.5,
+                         progress=False)  # fmt: skip
+    assert values[2] == pytest.approx(one.fid, rel=1e-9)  # the row is that evaluation
+    assert (out / "sweep.csv").read_text().startswith("guidance,proxy_fid")
+    assert f"best guidance {table['best']['guidance']:g}" in result.output
+    again = run_cli([*args, "--out", out])
+    assert again.exit_code == 0 and "resumed from" in again.output
+    bad = run_cli(
+        [
+            "sweep-guidance",
+            "--run",
+            model_dir,
+            "--values",
+            "1,2",
+            "--num",
+            8,
+            "--metric",
+            "proxy-fid",
+            "--stats",
+            digits_stats,
+            "--out",
+            tmp_path / "b",
+        ]
+    )
+    assert bad.exit_code == 2 and "needs a class-conditional model" in bad.output  # fmt: skip
+    neg = run_cli([*args[:4], "-1,2", *args[5:], "--out", tmp_path / "c"])
+    assert neg.exit_code == 2 and "every guidance must be >= 0" in neg.output

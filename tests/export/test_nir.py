@@ -296,3 +296,51 @@ def test_cli_writes_a_graph_that_matches_the_library_and_refuses_the_ann(tmp_pat
     late = CliRunner().invoke(app, [*args[:4], "20", "--out", str(tmp_path / "late.nir")])
     assert late.exit_code == 2 and "--t must be in [0, 19]" in late.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ann", "g.nir", "model"]
+
+
+def test_a_class_conditional_model_exports_one_class_folded_into_the_biases(tmp_path):
+    from typer.testing import CliRunner
+
+    from sddpm.cli import app
+    from sddpm.models import save_pretrained
+
+    model = randomised(SMALL.replace(num_classes=3))
+    with torch.no_grad():
+        model.class_embed.weight.normal_(0, 1.0)  # classes that differ
+    t, S = 9, SMALL.snn_timesteps
+    x = torch.randn(2, 2, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    outs = []
+    for y in (0, 2, 3):  # two classes and the null class
+        seen = {}
+        hook = model.head.register_forward_pre_hook(lambda m, a, s=seen: s.update(head=a[0]))
+        with torch.no_grad():
+            eps = model(x, torch.full((2,), t), torch.full((2,), y))
+        hook.remove()
+        graph = export_nir(model, t, dtype="float64", y=y)
+        assert graph.metadata["class"] == y and graph.metadata["model"]["num_classes"] == 3
+        out, _ = run_nir(graph, x, S)
+        torch.testing.assert_close(out, seen["head"], rtol=0, atol=1e-12)
+        torch.testing.assert_close(nir_head(graph)(out), eps, rtol=0, atol=1e-12)
+        outs.append(out)
+    assert not torch.allclose(outs[0], outs[1])  # the class matters
+    with pytest.raises(ValueError, match="class-conditional .*give the class"):
+        export_nir(model, t)
+    with pytest.raises(ValueError, match="unconditional model"):
+        export_nir(randomised(SMALL), t, y=0)
+    with pytest.raises(ValueError, match=r"class indices in \[0, 2\]"):
+        export_nir(model, t, y=4)
+
+    save_pretrained(model.float(), tmp_path / "model")
+    save_pretrained(randomised(SMALL).float(), tmp_path / "plain")
+    base = ["export-nir", "--t", "3", "--out", str(tmp_path / "g.nir")]
+    ok = CliRunner().invoke(app, [*base, "--checkpoint", str(tmp_path / "model"), "--class", "1"])
+    assert ok.exit_code == 0, ok.output
+    assert "class 1" in ok.output and read_nir(tmp_path / "g.nir").metadata["class"] == 1
+    cases = [
+        (["--checkpoint", str(tmp_path / "model")], "give --class K (0..2)"),
+        (["--checkpoint", str(tmp_path / "model"), "--class", "7"], "--class must be in [0, 2]"),
+        (["--checkpoint", str(tmp_path / "plain"), "--class", "0"], "is unconditional"),
+    ]
+    for args, message in cases:
+        bad = CliRunner().invoke(app, [*base, *args])
+        assert bad.exit_code == 2 and message in bad.output, bad.output

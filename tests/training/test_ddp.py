@@ -103,3 +103,27 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_logging_step(tmp_path
     assert r0["error"].startswith("TrainingStopped") and r1["error"].startswith("TrainingStopped")
     assert "step_00000003" in r0["error"]
     assert [p.name for p in resumable_checkpoints(tmp_path / "run")] == ["step_00000003"]
+
+
+def test_two_gloo_ranks_train_a_conditional_model_like_one_process(tmp_path, tiny):
+    """Labels travel with their images under DDP: without dropout (cond_drop=0) two ranks
+    compute what one process computes in 2 micro-batches; each rank keeps its own dropout
+    stream in the checkpoint."""
+    from sddpm.diffusion import label_dropout_generator
+    from sddpm.training import load_training_state
+
+    steps = 3
+    config = tiny("num_classes=10", "cond_drop=0", f"total_steps={steps}", "checkpoint_every=0")
+    out = _torchrun(tmp_path, config, run="ddp_run")
+    r0 = torch.load(out / "rank0.pt", weights_only=True)
+    single = train(config.override(["grad_accum=2"]), tmp_path / "single", progress=False)
+    assert single.losses == r0["losses"]
+    for name, value in r0["state"].items():
+        if "running_" not in name and "num_batches" not in name:
+            assert torch.equal(value, single.model.state_dict()[name]), name
+    states = load_training_state(latest_checkpoint(tmp_path / "ddp_run"))["label_dropout"]
+    for rank, state in enumerate(states):  # 4 labels per rank and step
+        gen = label_dropout_generator(3, rank)
+        torch.rand(4 * steps, generator=gen)
+        assert torch.equal(state, gen.get_state()), rank
+    assert len(states) == 2 and not torch.equal(states[0], states[1])

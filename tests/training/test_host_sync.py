@@ -3,6 +3,7 @@ at a logging step, never inside :meth:`Trainer.train_step`."""
 
 import collections
 
+import pytest
 import torch
 
 from sddpm.distributed import DistContext
@@ -12,11 +13,14 @@ from sddpm.training import Trainer
 READS = ("item", "tolist", "cpu", "__bool__", "__int__", "__float__", "__index__")
 
 
+@pytest.mark.parametrize("conditional", [(), ("num_classes=10",)], ids=["uncond", "labels"])
 def test_a_training_step_reads_nothing_back_and_logging_steps_read_once(
-    tmp_path, tiny, monkeypatch
+    tmp_path, tiny, monkeypatch, conditional
 ):
     log_every, total = 3, 7
-    config = tiny(f"total_steps={total}", f"log_every={log_every}", "checkpoint_every=0")
+    config = tiny(
+        f"total_steps={total}", f"log_every={log_every}", "checkpoint_every=0", *conditional
+    )
     trainer = Trainer(config, tmp_path / "run", DistContext(), progress=False)
     trainer.setup()
     trainer.restore(resume=False)

@@ -116,6 +116,24 @@ MOMENTS_OPTION = typer.Option(
     help="Analytic-DPM's eps moments: a file written by sddpm eps-moments.",
 )
 
+LABELS_OPTION = typer.Option(
+    None,
+    "--labels",
+    help="A class-conditional model's classes, cycled over the images (image i gets the "
+    "(i mod n)-th), e.g. 0,3,7 (default: image i of class i mod num_classes).",
+)
+CLASS_OPTION = typer.Option(
+    None, "--class", help="A class-conditional model: every image of class K (--labels K)."
+)
+GUIDANCE_OPTION = typer.Option(
+    None,
+    "--guidance",
+    help="Classifier-free guidance weight w >= 0 (conditional models): eps_uncond + "
+    "w (eps_cond - eps_uncond); 1 the conditional model alone, w != 1 costs two U-Net "
+    "evaluations per image and step (default: sddpm.diffusion.DEFAULT_GUIDANCE = 1.5, the best "
+    "measured on digits; see README).",
+)
+
 # SamplingOptions field -> (CLI flag, its option, its type).
 SAMPLING_FLAGS = {
     "sampler": ("--sampler", SAMPLER_OPTION, str),
@@ -130,7 +148,11 @@ SAMPLING_FLAGS = {
     "neuron_kernel": ("--neuron-kernel", NEURON_KERNEL_OPTION, str),
     "device": ("--device", DEVICE_OPTION, str),
     "moments": ("--moments", MOMENTS_OPTION, Path | None),
+    "labels": ("--labels", LABELS_OPTION, str | None),
+    "guidance": ("--guidance", GUIDANCE_OPTION, float | None),
 }
+# Flags that set a SamplingOptions field another way: name -> (flag, option, type, field).
+SAMPLING_ALIASES = {"class_label": ("--class", CLASS_OPTION, int | None, "labels")}
 
 
 def fail_with(err: Exception) -> None:
@@ -138,7 +160,8 @@ def fail_with(err: Exception) -> None:
     from ..diffusion import OptionError
 
     if isinstance(err, OptionError) and err.field in SAMPLING_FLAGS:
-        fail(f"{SAMPLING_FLAGS[err.field][0]}: {err}")
+        flag = "--class/--labels" if err.field == "labels" else SAMPLING_FLAGS[err.field][0]
+        fail(f"{flag}: {err}")
     fail(str(err))
 
 
@@ -147,6 +170,13 @@ def sampling_options(**values):
     a bad value fails with its flag."""
     from ..diffusion import OptionError, SamplingOptions, load_moments
 
+    class_label = values.pop("class_label", None)
+    if isinstance(values.get("labels"), str):
+        values["labels"] = parse_ints(values["labels"], "--labels")
+    if class_label is not None:
+        if values.get("labels") is not None:
+            fail("give --class K or --labels K1,K2,..., not both")
+        values["labels"] = (class_label,)
     if values.get("moments") is not None:  # a file name on the command line
         try:
             values["moments"] = load_moments(values["moments"])
@@ -155,6 +185,8 @@ def sampling_options(**values):
     try:
         return SamplingOptions(**values)
     except OptionError as err:
+        if err.field == "labels" and class_label is not None:
+            fail(f"--class: {err}")
         fail_with(err)
         raise
 
@@ -179,12 +211,14 @@ def with_sampling_options(
         if p.name != "options"
     ]
     fields = [name for name in SAMPLING_FLAGS if name not in exclude]
+    fields += [a for a, (*_, field) in SAMPLING_ALIASES.items() if field in fields]
     clash = sorted({p.name for p in own} & set(fields))
     if clash:
         raise TypeError(f"{command.__name__} declares shared sampling flags itself: {clash}")
+    flags = {**SAMPLING_FLAGS, **{a: v[:3] for a, v in SAMPLING_ALIASES.items()}}
     added = [
         inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=kind)
-        for name, (_, opt, kind) in SAMPLING_FLAGS.items()
+        for name, (_, opt, kind) in flags.items()
         if name in fields
     ]
 

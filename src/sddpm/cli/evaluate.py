@@ -1,4 +1,4 @@
-"""``sddpm fid-stats | evaluate | sweep-threshold``: reference statistics, FID / IS / KID, sweeps.
+"""``sddpm fid-stats | evaluate | sweep-threshold | sweep-guidance``: FID / IS / KID, sweeps.
 
 All three run alone or under ``torchrun --nproc_per_node=N`` (each rank takes its share of the
 images; rank 0 writes and prints).
@@ -200,6 +200,10 @@ def _load(load_for_sampling, model_dir: Path, weights: str | None, options):
     )
 
 
+_SWEEP_VALUES_HELP = "start:stop:step (stop included) or a comma list, e.g. "
+_SWEEP_METRIC_HELP = "fid (FID Inception) or proxy-fid (digits network)."
+
+
 @app.command(
     "sweep-threshold",
     help="Evaluate several threshold-guidance values with the same seeds and mark the best. "
@@ -208,16 +212,12 @@ def _load(load_for_sampling, model_dir: Path, weights: str | None, options):
 )
 @with_sampling_options(exclude=("threshold",))
 def sweep_threshold_command(
-    values: str = typer.Option(
-        ..., "--values", help="start:stop:step (stop included) or a comma list, e.g. 0.99,1,1.01"
-    ),
+    values: str = typer.Option(..., "--values", help=_SWEEP_VALUES_HELP + "0.99,1,1.01"),
     stats: Path = typer.Option(..., "--stats", help="Reference .npz (sddpm fid-stats)."),
     out: Path = typer.Option(..., "--out", help="Output folder: sweep.json, .csv and .png."),
     run: Path | None = RUN_OPTION,
     checkpoint: Path | None = CHECKPOINT_OPTION,
-    metric: str = typer.Option(
-        "fid", "--metric", help="fid (FID Inception) or proxy-fid (digits network)."
-    ),
+    metric: str = typer.Option("fid", "--metric", help=_SWEEP_METRIC_HELP),
     num: int = typer.Option(10000, "--num", help="Images per threshold value."),
     weights: str | None = WEIGHTS_OPTION,
     inception_weights: Path | None = typer.Option(None, "--inception-weights"),
@@ -225,14 +225,45 @@ def sweep_threshold_command(
     *,
     options,
 ) -> None:
+    _sweep_command("threshold", **locals())
+
+
+@app.command(
+    "sweep-guidance",
+    help="Evaluate several classifier-free guidance weights w of a class-conditional model with "
+    "the same seeds (image i of class i mod num_classes unless --class / --labels) and mark "
+    "the best. Resumable like sweep-threshold.",
+)
+@with_sampling_options(exclude=("guidance",))
+def sweep_guidance_command(
+    values: str = typer.Option(..., "--values", help=_SWEEP_VALUES_HELP + "1,1.5,2,3"),
+    stats: Path = typer.Option(..., "--stats", help="Reference .npz (sddpm fid-stats)."),
+    out: Path = typer.Option(..., "--out", help="Output folder: sweep.json, .csv and .png."),
+    run: Path | None = RUN_OPTION,
+    checkpoint: Path | None = CHECKPOINT_OPTION,
+    metric: str = typer.Option("fid", "--metric", help=_SWEEP_METRIC_HELP),
+    num: int = typer.Option(10000, "--num", help="Images per guidance value."),
+    weights: str | None = WEIGHTS_OPTION,
+    inception_weights: Path | None = typer.Option(None, "--inception-weights"),
+    is_splits: int = typer.Option(10, "--is-splits", help="Inception Score splits."),
+    *,
+    options,
+) -> None:
+    _sweep_command("guidance", **locals())
+
+
+def _sweep_command(
+    param, *, values, stats, out, run, checkpoint, metric, num, weights, inception_weights,
+    is_splits, options,
+) -> None:  # fmt: skip
     from ..evaluation import (
         SWEEP_METRICS,
         FeatureNetwork,
         check_stats_file,
         distributed_from_env,
-        parse_threshold_values,
+        parse_sweep_values,
+        sweep,
         sweep_paths,
-        sweep_threshold,
     )
     from ..generation import load_for_sampling
     from ..models import find_model_dir
@@ -245,7 +276,7 @@ def sweep_threshold_command(
     if out.exists() and not out.is_dir():
         fail(f"--out {out} is a file; give a folder for sweep.json, .csv and .png")
     try:
-        thresholds = parse_threshold_values(values)
+        parsed = parse_sweep_values(values, param)
     except ValueError as err:
         fail(str(err))
         return
@@ -257,12 +288,15 @@ def sweep_threshold_command(
             check_stats_file(stats, features)
             model_dir = find_model_dir(source)
             setup = _load(load_for_sampling, model_dir, weights, options)
+            if param == "guidance" and not setup.model.config.num_classes:
+                fail(f"sweep-guidance needs a class-conditional model; {source} is unconditional")
             net = FeatureNetwork.load(features, inception_weights=inception_weights, device=dev)
-            result = sweep_threshold(
+            result = sweep(
                 setup,
                 net,
                 stats,
-                thresholds,
+                param,
+                parsed,
                 num,
                 options,
                 metric=metric,
@@ -280,9 +314,7 @@ def sweep_threshold_command(
         paths = result.write(out)
         print_table(*result.table())
         best = result.best
-        typer.echo(
-            f"best threshold {result.thresholds[best]:g}: {metric} {result.values[best]:.4f}"
-        )
+        typer.echo(f"best {param} {result.thresholds[best]:g}: {metric} {result.values[best]:.4f}")
         if had:
             typer.echo(f"resumed from {paths['json']}")
         typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -26,11 +26,18 @@ def export_nir_command(
     weights: str | None = WEIGHTS_OPTION,
     threshold: float | None = THRESHOLD_OPTION,
     dtype: str = typer.Option("float32", "--dtype", help="float32 or float64 arrays."),
+    class_label: int | None = typer.Option(
+        None,
+        "--class",
+        help="A class-conditional model: the class K to export (its embedding folds into the "
+        "biases with the time embedding's); required for such a model.",
+    ),
 ) -> None:
     """Write the spiking U-Net for diffusion step t as a NIR graph: input x_t [C, H, W] on
     every SNN step, output the head's input per step; the head's weights sit in the graph's
     metadata (sddpm.export.nir_head finishes a call). Read it with
-    nir.read(FILE, type_check=False)."""
+    nir.read(FILE, type_check=False). A class-conditional model is exported for one class
+    (--class K)."""
     from ..export import NIRExportError, export_nir, write_nir
     from ..models import load_pretrained
     from ..snn import override_threshold
@@ -46,11 +53,18 @@ def export_nir_command(
         model = load_pretrained(source, weights=weights)
         if not 0 <= t < model.config.diffusion_steps:
             fail(f"--t must be in [0, {model.config.diffusion_steps - 1}], got {t}")
+        n = model.config.num_classes
+        if n > 0 and class_label is None:
+            fail(f"{source} is class-conditional ({n} classes): give --class K (0..{n - 1})")
+        if n == 0 and class_label is not None:
+            fail(f"--class: {source} is unconditional (num_classes=0); drop --class")
+        if class_label is not None and not 0 <= class_label <= n:
+            fail(f"--class must be in [0, {n - 1}] (or {n}, the null class), got {class_label}")
         if threshold is None:
-            graph = export_nir(model, t, dtype=dtype)
+            graph = export_nir(model, t, dtype=dtype, y=class_label)
         else:
             with override_threshold(model, threshold):
-                graph = export_nir(model, t, dtype=dtype)
+                graph = export_nir(model, t, dtype=dtype, y=class_label)
     except NIRExportError as err:
         fail(f"{source}: {err}")
         return
@@ -63,4 +77,6 @@ def export_nir_command(
         role = node.metadata.get("role", type(node).__name__.lower())
         counts[role] = counts.get(role, 0) + 1
     summary = ", ".join(f"{n} {role}" for role, n in sorted(counts.items()))
-    typer.echo(f"wrote {out}: t={t}, {model.config.snn_timesteps} SNN steps; nodes: {summary}")
+    which = "" if class_label is None else f", class {class_label}"
+    steps = model.config.snn_timesteps
+    typer.echo(f"wrote {out}: t={t}{which}, {steps} SNN steps; nodes: {summary}")

@@ -37,11 +37,20 @@ def check_output_file(out: Path, force: bool, suffixes: tuple[str, ...] = OUT_SU
         fail(f"--out {out}: cannot write in {folder}")
 
 
-@app.command("sample", help="Generate images: a PNG grid, or an .npz array of uint8 images.")
+@app.command(
+    "sample",
+    help="Generate images: a PNG grid, or an .npz array of uint8 images. A class-conditional "
+    "model takes --class K or --labels K1,K2,... (cycled over the images; default: image i of "
+    "class i mod num_classes) and --guidance W; the grid then has one class per row and the "
+    ".npz also holds 'labels' [N].",
+)
 @with_sampling_options
 def sample_command(
     out: Path = typer.Option(
-        ..., "--out", help="Output: .png (a grid) or .npz (array 'images' [N, H, W, C] uint8)."
+        ...,
+        "--out",
+        help="Output: .png (a grid) or .npz (array 'images' [N, H, W, C] uint8, and 'labels' "
+        "[N] int64 for a conditional model).",
     ),
     run: Path | None = RUN_OPTION,
     checkpoint: Path | None = CHECKPOINT_OPTION,
@@ -51,7 +60,7 @@ def sample_command(
     *,
     options,
 ) -> None:
-    from ..generation import generate, load_for_sampling
+    from ..generation import class_options, generate, image_labels, load_for_sampling
     from ..images import save_images
 
     source = resolve_source(run, checkpoint)
@@ -63,6 +72,7 @@ def sample_command(
             source, weights=weights, device=options.device, neuron_kernel=options.neuron_kernel
         )
         cfg = setup.model.config
+        options = class_options(options, setup.model)  # checks the labels before any image
         images = generate(
             setup.model,
             num,
@@ -74,5 +84,7 @@ def sample_command(
     except (ValueError, FileNotFoundError) as err:
         fail_with(err)
         return
-    save_images(images, out)
-    typer.echo(f"wrote {num} images to {out}")
+    labels = image_labels(num, options)
+    save_images(images, out, labels=labels)
+    classes = "" if labels is None else f" of classes {sorted(set(labels.tolist()))}"
+    typer.echo(f"wrote {num} images{classes} to {out}")

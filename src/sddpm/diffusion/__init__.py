@@ -31,7 +31,7 @@ from .loss import (
     training_loss,
     v_target,
 )
-from .options import EXECUTION_FIELDS, OptionError, SamplingOptions
+from .options import DEFAULT_GUIDANCE, EXECUTION_FIELDS, OptionError, SamplingOptions
 from .sample import DEFAULT_SPACING, DEFAULT_STEPS, SAMPLERS, sample
 from .schedule import SCHEDULE_KINDS, SPACINGS, NoiseSchedule, timesteps
 from .seeding import PerImageRandn, image_seed, initial_noise
@@ -51,6 +51,7 @@ __all__ = [
     "SPACINGS",
     "SamplingOptions",
     "analytic_sample",
+    "DEFAULT_GUIDANCE",
     "check_guidance",
     "cycle_labels",
     "ddim_sample",

@@ -132,6 +132,7 @@ def loss_map(
     generator: torch.Generator | None = None,
     prediction: str = "eps",
     check_t: bool = True,
+    y: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-pixel training loss ``[B, C, H, W]`` (published ``F.mse_loss(..., reduction='none')``).
 
@@ -146,6 +147,8 @@ def loss_map(
             runs for CPU tensors only (an accelerator's step never waits on a host read); a
             caller that validated ``t`` on the host where it drew it passes ``False``. A drawn
             ``t`` is in range by construction.
+        y: class labels ``[B]`` int64 for a class-conditional model (``model(x_t, t, y)``),
+            checked by the caller on the host; ``None``: ``model(x_t, t)``.
     """
     check_prediction(prediction)
     if x0.dim() < 2:
@@ -166,7 +169,8 @@ def loss_map(
         raise ValueError(f"t must be in [0, {schedule.T - 1}], got {int(t.min())}..{int(t.max())}")
     x_t = q_sample(x0, t, noise, schedule)
     target = noise if prediction == "eps" else v_target(x0, noise, t, schedule)
-    return (model(x_t, t) - target).square()
+    out = model(x_t, t) if y is None else model(x_t, t, y)
+    return (out - target).square()
 
 
 def training_loss(
@@ -179,6 +183,7 @@ def training_loss(
     generator: torch.Generator | None = None,
     prediction: str = "eps",
     check_t: bool = True,
+    y: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-sample loss ``[B]``: :func:`loss_map` averaged over every non-batch axis.
 
@@ -193,5 +198,6 @@ def training_loss(
         generator=generator,
         prediction=prediction,
         check_t=check_t,
+        y=y,
     )
     return per_pixel.flatten(1).mean(dim=1)

@@ -12,8 +12,15 @@ from .analytic import analytic_sample, check_moments
 from .ddim import ddim_sample
 from .ddpm import ddpm_sample
 from .dpm_solver import dpm_solver_sample
+from .guidance import GuidedModel, cycle_labels
 from .loss import Model, check_prediction
-from .options import DEFAULT_SPACING, DEFAULT_STEPS, MOMENT_SAMPLERS, SAMPLERS, SamplingOptions
+from .options import (
+    DEFAULT_SPACING,
+    DEFAULT_STEPS,
+    MOMENT_SAMPLERS,
+    SAMPLERS,
+    SamplingOptions,
+)
 from .schedule import NoiseSchedule, timesteps
 from .seeding import SAMPLER_NOISE_STREAM, PerImageRandn, _as_indices, initial_noise
 
@@ -21,8 +28,9 @@ __all__ = ["DEFAULT_SPACING", "DEFAULT_STEPS", "SAMPLERS", "initial_noise", "sam
 
 # sample()'s own defaults for the settings that options= may carry instead.
 _KEYWORD_DEFAULTS = dict(
-    sampler="ddpm", steps=None, spacing=None, eta=0.0, threshold=None, seed=0, moments=None
-)
+    sampler="ddpm", steps=None, spacing=None, eta=0.0, threshold=None, seed=0, moments=None,
+    labels=None, guidance=None,
+)  # fmt: skip
 
 
 def sample(
@@ -41,6 +49,8 @@ def sample(
     spacing: str | None = None,
     moments: torch.Tensor | None = None,
     *,
+    labels: Sequence[int] | torch.Tensor | None = None,
+    guidance: float | None = None,
     options: SamplingOptions | None = None,
 ) -> torch.Tensor:
     """Generate images from the initial noise ``x_T``.
@@ -72,10 +82,19 @@ def sample(
             for DPM-Solver++, ``"linear"`` for Analytic-DPM.
         moments: Analytic-DPM only: ``[T]`` ``Gamma_t = E||eps(x_t, t)||^2 / d`` from
             :func:`sddpm.diffusion.estimate_eps_moments`, finite at every step of the grid.
+        labels: a class-conditional model's classes, cycled over the image indices: image
+            ``b`` gets ``labels[indices[b] % len(labels)]`` (so ``labels`` of length ``B`` with
+            the default indices is one label per image). ``None``: the model as it is called
+            without labels (the null class of a conditional model).
+        guidance: classifier-free guidance weight w >= 0 with ``labels``
+            (:class:`~sddpm.diffusion.GuidedModel`: one batched call of 2B images per step; w = 1
+            calls the conditional model alone); ``None``: the default
+            (:data:`sddpm.diffusion.DEFAULT_GUIDANCE`).
         options: the same settings (``sampler``, ``steps``, ``spacing``, ``eta``,
-            ``threshold``, ``seed``, ``moments``) as one :class:`SamplingOptions`, instead of
-            the keywords; its batching, autocast, compile, kernel and device fields are not
-            used here (see :func:`sddpm.generation.generate_batches`).
+            ``threshold``, ``seed``, ``moments``, ``labels``, ``guidance``) as one
+            :class:`SamplingOptions`, instead of the keywords; its batching, autocast, compile,
+            kernel and device fields are not used here (see
+            :func:`sddpm.generation.generate_batches`).
 
     Returns:
         ``x_0`` ``[B, C, H, W]`` float32, in [-1, 1] when ``clip_x0``.
@@ -86,12 +105,13 @@ def sample(
             other than DDIM, an ``x_T`` that is not a 4-D floating tensor or that the model
             rejects, ``indices`` that do not match the batch, keywords together with
             ``options``, or (Analytic-DPM) missing ``moments`` or NaN moments at a step of
-            the grid.
+            the grid; labels out of the model's range or given to an unconditional model, or a
+            guidance other than 1 without labels.
     """
     # ---- validate everything before any work
     keywords = dict(
         sampler=sampler, steps=steps, spacing=spacing, eta=eta, threshold=threshold, seed=seed,
-        moments=moments,
+        moments=moments, labels=labels, guidance=guidance,
     )  # fmt: skip
     if options is None:
         options = SamplingOptions(**keywords)
@@ -120,15 +140,23 @@ def sample(
     idx = list(range(batch)) if indices is None else _as_indices(indices)
     if len(idx) != batch:
         raise ValueError(f"{len(idx)} indices given for a batch of {batch} images")
+    if options.labels is not None:
+        # Checked here, on the host (range and an unconditional model: GuidedModel).
+        model = GuidedModel(model, cycle_labels(idx, options.labels), options.resolved_guidance)
+    elif options.guidance is not None:
+        raise ValueError(
+            f"guidance={options.guidance:g} needs class labels (labels=...); a model sampled "
+            "without labels takes guidance 1"
+        )
     validate = getattr(model, "validate_input", None)
     if callable(validate):
         validate(x_T)
 
-    guidance = (
+    threshold_guidance = (
         _override_threshold(model, threshold) if threshold is not None else contextlib.nullcontext()
     )
     x = x_T.to(torch.float32)
-    with torch.inference_mode(), guidance:
+    with torch.inference_mode(), threshold_guidance:
         if sampler == "ddpm":
             noise = PerImageRandn(idx, int(seed), SAMPLER_NOISE_STREAM, x.device)
             out = ddpm_sample(

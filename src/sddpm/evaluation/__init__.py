@@ -13,7 +13,7 @@ scoring generated images, threshold sweeps and the energy meter.
   ``cifar10.train.npz`` format), written atomically; KID references.
 - :mod:`.results`: FID / IS / KID of scores and :class:`EvaluationResult`.
 - :mod:`.evaluate`: :func:`evaluate_model`, the whole evaluation.
-- :mod:`.sweeps`: :func:`sweep_threshold`, resumable threshold sweeps.
+- :mod:`.sweeps`: :func:`sweep_threshold`, :func:`sweep_guidance`, resumable sweeps.
 - ranks, devices and shards under ``torchrun`` come from :mod:`sddpm.distributed`, the one
   process-group module of training and evaluation.
 - :mod:`.energy`: SOPs, MACs, firing rates and energy while sampling.
@@ -67,7 +67,17 @@ from .reference_stats import (
 )
 from .results import EvaluationResult, digits_report_from_probs, metrics_from_scores
 from .scores import SampleScores, generate_and_score, score_dataset
-from .sweeps import SWEEP_METRICS, SweepResult, parse_threshold_values, sweep_paths, sweep_threshold
+from .sweeps import (
+    SWEEP_METRICS,
+    SWEEP_PARAMS,
+    SweepResult,
+    parse_sweep_values,
+    parse_threshold_values,
+    sweep,
+    sweep_guidance,
+    sweep_paths,
+    sweep_threshold,
+)
 
 __all__ = [
     "FEATURE_DIMS",
@@ -87,6 +97,7 @@ __all__ = [
     "FeatureStats",
     "InceptionOutput",
     "SampleScores",
+    "SWEEP_PARAMS",
     "SweepResult",
     "check_device",
     "check_state_dict",
@@ -110,6 +121,7 @@ __all__ = [
     "load_kid_reference",
     "metrics_from_scores",
     "no_tf32",
+    "parse_sweep_values",
     "parse_threshold_values",
     "rank_and_world",
     "resolve_inception_weights",
@@ -117,6 +129,8 @@ __all__ = [
     "score_dataset",
     "shard_indices",
     "sweep_paths",
+    "sweep",
+    "sweep_guidance",
     "sweep_threshold",
     "train_digits_feature_net",
     "write_stats_file",

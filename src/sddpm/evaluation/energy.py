@@ -627,12 +627,12 @@ def measure_sampling_energy(
     :func:`sddpm.generation.generate` samples with (the same layers and counts; BatchNorm is
     not counted either way). ``memory`` sets the constants of the
     memory-aware accounting (default :class:`MemoryEnergyModel`)."""
-    from ..generation import generate_batches
+    from ..generation import class_options, generate_batches
     from ..models import UNet, fold_batchnorm
 
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
-    opts = SamplingOptions.build(options, **changes)
+    opts = class_options(SamplingOptions.build(options, **changes), model)
     opts = opts.replace(device=str(next(model.parameters()).device))
     if fold_bn and isinstance(model, UNet):
         model = fold_batchnorm(model.eval())
@@ -651,7 +651,25 @@ def measure_sampling_energy(
             fold_bn=False,
         ):
             pass
+    branches = guided_branches(opts)
     calls = meter.evaluations / num_images
     settings = {"source": None if source is None else str(source), **opts.to_dict()}
-    settings["steps"] = opts.steps if opts.steps is not None else round(calls)
+    settings["steps"] = opts.steps if opts.steps is not None else round(calls / branches)
+    if branches == 2:
+        settings["guidance_note"] = GUIDANCE_NOTE.format(w=opts.resolved_guidance)
     return meter.report(num_images=num_images, settings=settings)
+
+
+GUIDANCE_NOTE = (
+    "classifier-free guidance w={w:g}: every image costs two U-Net evaluations per step "
+    "(conditional and unconditional, one batched call of 2B images); evaluations, calls per "
+    "image and energy per image count both"
+)
+
+
+def guided_branches(options: SamplingOptions) -> int:
+    """U-Net evaluations per image and step: 2 under classifier-free guidance with w not in
+    {0, 1} (:class:`sddpm.diffusion.GuidedModel` runs both branches), else 1."""
+    if options.labels is None or options.resolved_guidance in (0.0, 1.0):
+        return 1
+    return 2

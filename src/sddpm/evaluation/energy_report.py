@@ -447,6 +447,8 @@ class EnergyReport:
             f"{self.evaluations} image evaluations in {self.model_calls} calls, "
             f"{self.calls_per_image:g} calls per image"
         )
+        if self.settings.get("guidance_note"):
+            lines.append(self.settings["guidance_note"])
         lines.append(
             f"per call : {c['sops']:,.0f} SOPs, {c['macs_paper']:,.0f} MACs (paper) / "
             f"{c['macs']:,.0f} MACs (full); energy {_pj(c['energy_pj_paper'])} (paper), "

@@ -139,8 +139,12 @@ def evaluate_model(
     Raises:
         ValueError: bad input, before any image; :class:`~sddpm.finite.NonFiniteError` (a
             ``ValueError``) when images, features or a metric are not finite.
+    A class-conditional model without ``options.labels`` makes image ``i`` of class
+    ``i mod num_classes`` (:func:`sddpm.generation.class_options`; recorded as ``labels``).
     """
-    opts = SamplingOptions.build(options, **changes)
+    from ..generation import class_options
+
+    opts = class_options(SamplingOptions.build(options, **changes), setup.model)
     prep = _prepare(
         setup,
         net,

@@ -1,8 +1,10 @@
-"""Threshold sweeps: the same images (same seeds) scored for several threshold-guidance values.
+"""Sweeps: the same images (same seeds) scored for several values of one sampling option.
 
-:func:`sweep_threshold` evaluates every value (the paper's threshold table) and returns a
-:class:`SweepResult` that writes JSON, CSV and a PNG plot. Given an output folder it writes the
-sweep after every value, and a rerun into the same folder reuses the values already there
+:func:`sweep_threshold` evaluates every threshold-guidance value (the paper's threshold table),
+:func:`sweep_guidance` every classifier-free guidance weight w of a class-conditional model
+(both through :func:`sweep`, over :data:`SWEEP_PARAMS`); each returns a :class:`SweepResult`
+that writes JSON, CSV and a PNG plot. Given an output folder it writes the sweep after every
+value, and a rerun into the same folder reuses the values already there
 (they must have been made with the same settings), so a sweep that was stopped resumes where it
 stopped. KID is not computed in sweeps.
 """
@@ -38,13 +40,22 @@ __all__ = [
     "SWEEP_METRICS",
     "SweepResult",
     "parse_threshold_values",
+    "SWEEP_PARAMS",
+    "parse_sweep_values",
+    "sweep",
+    "sweep_guidance",
     "sweep_paths",
     "sweep_threshold",
 ]
 
 SWEEP_METRICS = ("fid", "proxy-fid")
 MAX_SWEEP_VALUES = 1000
-KID_NOTE = "not computed in threshold sweeps"
+KID_NOTE = "not computed in sweeps"
+# The options a sweep can vary -> (smallest value, whether it may equal it, x-axis label).
+SWEEP_PARAMS = {
+    "threshold": (0.0, False, "neuron threshold while sampling"),
+    "guidance": (0.0, True, "classifier-free guidance weight w"),
+}
 
 
 def sweep_paths(out_dir: str | os.PathLike) -> dict[str, Path]:
@@ -53,7 +64,14 @@ def sweep_paths(out_dir: str | os.PathLike) -> dict[str, Path]:
 
 
 def parse_threshold_values(text: str) -> list[float]:
-    """``"a:b:step"`` (inclusive of ``b``) or ``"v1,v2,..."`` -> thresholds, all > 0.
+    """``"a:b:step"`` (inclusive of ``b``) or ``"v1,v2,..."`` -> thresholds, all > 0
+    (:func:`parse_sweep_values` of ``"threshold"``)."""
+    return parse_sweep_values(text, "threshold")
+
+
+def parse_sweep_values(text: str, param: str = "threshold") -> list[float]:
+    """``"a:b:step"`` (inclusive of ``b``) or ``"v1,v2,..."`` -> values of ``param``
+    (:data:`SWEEP_PARAMS`): thresholds > 0, guidance weights >= 0.
 
     Ranges are computed in decimal, so ``"0.995:1.005:0.001"`` gives exactly the 11 values
     0.995, 0.996, ..., 1.005 (no float drift dropping the end point or giving 0.9970000001).
@@ -86,9 +104,12 @@ def parse_threshold_values(text: str) -> list[float]:
     except InvalidOperation:
         raise ValueError(bad) from None
     values = [float(x) for x in decimals]
+    low, inclusive, _ = SWEEP_PARAMS[param]
     for v in values:
-        if v <= 0:
-            raise ValueError(f"--values: every threshold must be > 0, got {v:g}")
+        if v < low or (v == low and not inclusive):
+            raise ValueError(
+                f"--values: every {param} must be {'>=' if inclusive else '>'} {low:g}, got {v:g}"
+            )
     if len(set(values)) != len(values):
         raise ValueError(f"--values {text!r} repeats a value")
     return values
@@ -96,12 +117,14 @@ def parse_threshold_values(text: str) -> list[float]:
 
 @dataclass
 class SweepResult:
-    """One :class:`EvaluationResult` per threshold; ``best`` is the index of the lowest metric."""
+    """One :class:`EvaluationResult` per value of ``param`` (``thresholds`` holds the values,
+    whatever the parameter); ``best`` is the index of the lowest metric."""
 
     metric: str
     thresholds: list[float]
     results: list[EvaluationResult]
     settings: dict[str, Any] = field(default_factory=dict)
+    param: str = "threshold"
 
     @property
     def values(self) -> list[float]:
@@ -113,7 +136,7 @@ class SweepResult:
         values = np.asarray(self.values, dtype=np.float64)
         finite = np.isfinite(values)
         if not finite.any():
-            raise NonFiniteError(f"no threshold gave a finite {self.metric}: {self.values}")
+            raise NonFiniteError(f"no {self.param} gave a finite {self.metric}: {self.values}")
         return int(np.argmin(np.where(finite, values, np.inf)))
 
     @property
@@ -121,11 +144,11 @@ class SweepResult:
         return self.results[0].proxy
 
     def rows(self) -> list[dict[str, Any]]:
-        """One flat dict per threshold (the CSV / JSON table)."""
+        """One flat dict per value (the CSV / JSON table)."""
         key = self.metric.replace("-", "_")
         out = []
         for i, (t, r) in enumerate(zip(self.thresholds, self.results, strict=True)):
-            row: dict[str, Any] = {"threshold": t, key: r.fid}
+            row: dict[str, Any] = {self.param: t, key: r.fid}
             row["is_mean"] = None if r.inception_score is None else r.inception_score[0]
             row["is_std"] = None if r.inception_score is None else r.inception_score[1]
             if r.digits_report is not None:
@@ -138,7 +161,8 @@ class SweepResult:
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
             "metric": self.metric,
-            "best": {"threshold": self.thresholds[self.best], "value": self.values[self.best]},
+            "param": self.param,
+            "best": {self.param: self.thresholds[self.best], "value": self.values[self.best]},
             "rows": self.rows(),
             "feature_network": self.results[0].feature_network,
             "comparable_to_published": not self.proxy,
@@ -162,7 +186,7 @@ class SweepResult:
                 if k == "best":
                     cells.append("*" if v else "")
                 elif isinstance(v, float):
-                    cells.append(f"{v:g}" if k == "threshold" else f"{v:.4f}")
+                    cells.append(f"{v:g}" if k == self.param else f"{v:.4f}")
                 else:
                     cells.append("" if v is None else str(v))
             body.append(cells)
@@ -183,7 +207,8 @@ class SweepResult:
         return paths
 
     def plot(self, path: str | os.PathLike) -> None:
-        """A PNG: the metric against the threshold, the best value marked. Written atomically."""
+        """A PNG: the metric against the swept value, the best value marked. Written
+        atomically."""
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
@@ -204,11 +229,11 @@ class SweepResult:
         ax.axvline(1.0, color="grey", linewidth=0.8, linestyle=":")
         ax.ticklabel_format(useOffset=False)
         label = "proxy FID (digits; not comparable to published)" if self.proxy else "FID"
-        ax.set_xlabel("neuron threshold while sampling")
+        ax.set_xlabel(SWEEP_PARAMS[self.param][2])
         ax.set_ylabel(label)
         s = self.settings
         ax.set_title(
-            f"Threshold guidance: {s.get('sampler')} {s.get('steps') or ''} steps, "
+            f"{self.param.capitalize()} sweep: {s.get('sampler')} {s.get('steps') or ''} steps, "
             f"{self.results[0].num_images} images"
         )
         ax.legend()
@@ -223,6 +248,34 @@ def sweep_threshold(
     values: Sequence[float],
     num: int,
     options: SamplingOptions | None = None,
+    **kwargs: Any,
+) -> SweepResult:
+    """:func:`sweep` over threshold-guidance values (every spiking neuron's threshold)."""
+    return sweep(setup, net, stats, "threshold", values, num, options, **kwargs)
+
+
+def sweep_guidance(
+    setup: SamplingSetup,
+    net: FeatureNetwork,
+    stats: str | os.PathLike,
+    values: Sequence[float],
+    num: int,
+    options: SamplingOptions | None = None,
+    **kwargs: Any,
+) -> SweepResult:
+    """:func:`sweep` over classifier-free guidance weights w of a class-conditional model
+    (without ``options.labels`` image ``i`` is of class ``i mod num_classes``)."""
+    return sweep(setup, net, stats, "guidance", values, num, options, **kwargs)
+
+
+def sweep(
+    setup: SamplingSetup,
+    net: FeatureNetwork,
+    stats: str | os.PathLike,
+    param: str,
+    values: Sequence[float],
+    num: int,
+    options: SamplingOptions | None = None,
     *,
     metric: str = "fid",
     is_splits: int = 10,
@@ -232,17 +285,19 @@ def sweep_threshold(
     record: dict[str, Any] | None = None,
     **changes: Any,
 ) -> SweepResult:
-    """Evaluate every threshold in ``values`` with the same seeds (image ``i`` starts from the
-    same noise for every value). ``metric`` ``"fid"`` needs the FID Inception, ``"proxy-fid"``
-    the digits network. ``options`` (keyword ``changes`` applied) says how to sample; its
-    ``threshold`` is replaced by each value.
+    """Evaluate every value in ``values`` of the sampling option ``param`` (:data:`SWEEP_PARAMS`)
+    with the same seeds (image ``i`` starts from the same noise for every value). ``metric``
+    ``"fid"`` needs the FID Inception, ``"proxy-fid"`` the digits network. ``options`` (keyword
+    ``changes`` applied) says how to sample; its ``param`` is replaced by each value.
 
     With ``out_dir`` the sweep is written there (rank 0) as soon as each value is done, and
     values already in ``out_dir/sweep.json`` are not evaluated again; the result then holds
-    those too, in threshold order. A file made with other settings (sampler, steps, seed,
+    those too, in value order. A file made with other settings (sampler, steps, seed,
     images, the ``record`` fields, ...) is refused rather than mixed in. ``record`` (e.g.
     ``{"weights": "ema"}``) is written into every result, like ``checkpoint``.
     """
+    if param not in SWEEP_PARAMS:
+        raise ValueError(f"unknown sweep parameter {param!r}; choose one of {list(SWEEP_PARAMS)}")
     if metric not in SWEEP_METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose one of {SWEEP_METRICS}")
     if (metric == "proxy-fid") != net.proxy:
@@ -250,33 +305,35 @@ def sweep_threshold(
         raise ValueError(f"metric {metric!r} is measured with the {want} feature network")
     values = [float(v) for v in values]
     if not values:
-        raise ValueError("no threshold values to sweep")
-    opts = SamplingOptions.build(options, **changes)
-    per_value = {v: opts.replace(threshold=v) for v in values}  # checks every value first
+        raise ValueError(f"no {param} values to sweep")
+    from ..generation import class_options
+
+    opts = class_options(SamplingOptions.build(options, **changes), setup.model)
+    per_value = {v: opts.replace(**{param: v}) for v in values}  # checks every value first
     prep = _prepare(
         setup, net, stats, num, opts, checkpoint=checkpoint, progress=progress, kid=False
     )  # fmt: skip
     prep.settings.update(record or {})
-    base = opts.replace(threshold=None)
+    base = opts.replace(**{param: None})
     T = setup.schedule.T
     settings = {**prep.settings, **base.to_dict(T=T), "world_size": rank_and_world()[1]}
-    settings.pop("threshold")
+    settings.pop(param)
     expected = {"feature_network": net.name, "num_images": num, "is_splits": is_splits}
     expected.update({k: settings[k] for k in ("checkpoint", "stats", *(record or {}))})
-    expected.update({k: v for k, v in base.image_settings(T=T).items() if k != "threshold"})
-    done = _finished(out_dir, expected)
+    expected.update({k: v for k, v in base.image_settings(T=T).items() if k != param})
+    done = _finished(out_dir, expected, param)
     rank = rank_and_world()[0]
 
     def result() -> SweepResult:
         ts = sorted(done)
-        return SweepResult(metric, ts, [done[t] for t in ts], settings)
+        return SweepResult(metric, ts, [done[t] for t in ts], settings, param)
 
     for v in values:
         if v in done:
             continue
         r = _evaluate_prepared(
             prep, net, num, per_value[v], is_splits=is_splits, progress=progress,
-            desc=f"threshold {v:g}",
+            desc=f"{param} {v:g}",
         )  # fmt: skip
         r.kid_note = KID_NOTE
         done[v] = r
@@ -285,8 +342,10 @@ def sweep_threshold(
     return result()
 
 
-def _finished(out_dir: str | os.PathLike | None, expected: dict[str, Any]) -> dict[float, Any]:
-    """``{threshold: EvaluationResult}`` of the values already in ``out_dir/sweep.json`` (read
+def _finished(
+    out_dir: str | os.PathLike | None, expected: dict[str, Any], param: str = "threshold"
+) -> dict[float, Any]:
+    """``{value of param: EvaluationResult}`` of the values already in ``out_dir/sweep.json`` (read
     on rank 0 and shared with every rank); ``{}`` without a file. A file of other settings is
     an error naming them."""
     if out_dir is None:
@@ -294,7 +353,7 @@ def _finished(out_dir: str | os.PathLike | None, expected: dict[str, Any]) -> di
     payload: list[Any] = [None]
     if rank_and_world()[0] == 0:
         try:
-            payload[0] = ("ok", _read_finished(sweep_paths(out_dir)["json"], expected))
+            payload[0] = ("ok", _read_finished(sweep_paths(out_dir)["json"], expected, param))
         except ValueError as err:
             payload[0] = ("error", str(err))
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -305,7 +364,9 @@ def _finished(out_dir: str | os.PathLike | None, expected: dict[str, Any]) -> di
     return {t: EvaluationResult.from_dict(d) for t, d in data.items()}
 
 
-def _read_finished(path: Path, expected: dict[str, Any]) -> dict[float, dict[str, Any]]:
+def _read_finished(
+    path: Path, expected: dict[str, Any], param: str = "threshold"
+) -> dict[float, dict[str, Any]]:
     if not path.is_file():
         return {}
     try:
@@ -331,5 +392,5 @@ def _read_finished(path: Path, expected: dict[str, Any]) -> dict[float, dict[str
                 "another output folder, or remove it to start again"
             )
         if np.isfinite(r.fid):  # a non-finite row is never reused
-            done[float(r.settings["threshold"])] = r.to_dict()
+            done[float(r.settings[param])] = r.to_dict()
     return done

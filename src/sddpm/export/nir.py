@@ -18,7 +18,9 @@ How the U-Net becomes NIR primitives (all exact rewrites):
 - the time embedding for t, ``time_proj(silu(temb(t)))``, is added after a res block's first
   conv + BatchNorm, so it is part of that conv's bias. It is never added before a conv, so no
   bias has to cross a zero-padded border (a bias before a padded conv would not be a bias of
-  that conv at the borders; this architecture has none);
+  that conv at the borders; this architecture has none). A class-conditional model's class
+  embedding row is added to the time embedding before that map, so one class ``y`` folds into
+  the same biases (:func:`export_nir`'s ``y``);
 - a spiking neuron becomes ``IF(r=1, v_threshold, v_reset)`` with arrays of the shape of its
   input (per neuron). Our IF starts at ``v_reset`` and charges ``v += x``; NIR's starts at 0.
   IF dynamics are shift-invariant, so the graph holds the shifted neuron: ``v_reset = 0`` and
@@ -379,9 +381,13 @@ def _head_state(model: nn.Module, dtype: np.dtype) -> dict[str, np.ndarray]:
     }
 
 
-def export_nir(model: nn.Module, t: int, *, dtype: str = "float32") -> Any:
+def export_nir(model: nn.Module, t: int, *, dtype: str = "float32", y: int | None = None) -> Any:
     """The spiking body of ``model`` (a spiking :class:`~sddpm.models.UNet`) for diffusion step
     ``t`` as a ``nir.NIRGraph`` (see the module docstring for the rewrites).
+
+    ``y``: a class-conditional model's class (``0..num_classes - 1``, or ``num_classes`` for the
+    null class), folded into the biases with the time embedding; required for such a model, and
+    refused for an unconditional one.
 
     ``dtype`` (``"float32"`` or ``"float64"``) is the dtype of every array and the one the
     thresholds are made exact for. BatchNorm uses the running statistics (eval mode); the
@@ -401,12 +407,26 @@ def export_nir(model: nn.Module, t: int, *, dtype: str = "float32") -> Any:
         raise ValueError(f"t must be an integer diffusion step, got {t!r}")
     if not 0 <= int(t) < cfg.diffusion_steps:
         raise ValueError(f"t must be in [0, {cfg.diffusion_steps - 1}], got {t}")
+    n_classes = int(getattr(cfg, "num_classes", 0))
+    if y is None and n_classes > 0:
+        raise ValueError(
+            f"this model is class-conditional ({n_classes} classes): give the class to export, "
+            f"y in 0..{n_classes - 1} (or {n_classes}, the null class)"
+        )
+    if y is not None:
+        from ..models.labels import check_labels
+
+        if isinstance(y, bool) or not isinstance(y, (int, np.integer)):
+            raise ValueError(f"y must be an integer class, got {y!r}")
+        check_labels([int(y)], n_classes)
     nir = _nir()
     np_dtype = np.dtype(dtype)
     # fold_batchnorm works on a copy (eval mode, running statistics); the model is untouched
     folded = fold_batchnorm(model).cpu().to(torch.float64)
     with torch.no_grad():
         temb = folded.time_embed(torch.tensor([int(t)]))[0]
+        if y is not None:  # added to the time embedding, as in UNet.forward
+            temb = temb + folded.class_embed(torch.tensor([int(y)]))[0]
         nodes, edges = _UNetToNIR(folded, temb, np_dtype).build()
     head = model.head
     metadata = {
@@ -440,6 +460,7 @@ def export_nir(model: nn.Module, t: int, *, dtype: str = "float32") -> Any:
             "image_size": int(cfg.image_size),
             "channels": int(cfg.channels),
             "diffusion_steps": int(cfg.diffusion_steps),
+            "num_classes": n_classes,
         },
         "head": {
             "in_channels": int(head.conv.in_channels),
@@ -453,6 +474,8 @@ def export_nir(model: nn.Module, t: int, *, dtype: str = "float32") -> Any:
             ),
         },
     }
+    if y is not None:  # (HDF5 metadata holds no None)
+        metadata["class"] = int(y)
     return nir.NIRGraph(nodes=nodes, edges=edges, metadata=metadata, type_check=False)
 
 

@@ -11,6 +11,12 @@ images at global positions ``(k + j A) W + r`` (``j < m``). Together with the da
 computes the same per-image losses as one process with ``A W`` micro-batches; resuming needs
 no RNG state and is bit-identical on the CPU.
 
+**Class-conditional models** (``num_classes = N > 0``) train on the dataset's labels (its
+class count checked against ``N`` before the first step), each replaced by the null class ``N``
+with probability ``train.cond_drop`` (classifier-free guidance's label dropout). The dropout
+decisions come from one stream per rank (:func:`~sddpm.diffusion.label_dropout_generator`)
+whose state is part of the training state, so a resumed run drops the same labels.
+
 BatchNorm statistics are per micro-batch (per rank under DDP, as published) unless
 ``train.sync_bn`` is set on CUDA, where SyncBatchNorm pools them over the ranks.
 """
@@ -34,8 +40,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import RunConfig
-from ..data import BatchIterator, ShardedInfiniteSampler, build_dataset
-from ..diffusion import draw_t_and_noise, initial_noise, sample, training_loss
+from ..data import BatchIterator, ShardedInfiniteSampler, build_dataset, check_num_classes
+from ..diffusion import (
+    cycle_labels,
+    draw_t_and_noise,
+    drop_labels,
+    initial_noise,
+    label_dropout_generator,
+    sample,
+    training_loss,
+)
 from ..distributed import (
     DistContext,
     all_gather_objects,
@@ -216,6 +230,8 @@ class Trainer:
             )
         c = self.unet_cfg
         self.shape = (c.image_channels, c.image_size, c.image_size)
+        self.num_classes = int(c.num_classes)
+        self.class_names: list[str] | None = None  # the data's classes (conditional runs)
         self.step = self.start_step = 0
         self.elapsed_before = 0.0
         self.last_ckpt: Path | None = None
@@ -258,7 +274,13 @@ class Trainer:
         barrier(ctx)
         if dataset is None:
             dataset = self._make_dataset(False)
-        item = dataset[0]
+        if self.num_classes > 0:
+            # Reads and checks the labels now (range, count): before any step, and the step
+            # need not read them back (see the class docstring).
+            check_num_classes(dataset, self.num_classes)
+            dataset.with_labels()
+            self.class_names = list(dataset.class_names)
+        item = dataset[0][0] if self.num_classes > 0 else dataset[0]
         if tuple(item.shape) != self.shape:
             raise ValueError(
                 f"dataset {self.config.data.dataset} gives images of shape "
@@ -284,6 +306,11 @@ class Trainer:
         # t is drawn below as randint(0, schedule.T) and schedule.T == diffusion_steps was
         # checked on the host: the model need not read t back to check it again.
         model.check_t_values = False
+        # Labels come from the dataset, checked when read (_setup_data), or are the null class.
+        model.check_y_values = False
+        self.label_generator = (
+            label_dropout_generator(tcfg.seed, ctx.rank) if self.num_classes > 0 else None
+        )
         if tcfg.sync_bn and ctx.world_size > 1:
             if device.type == "cuda":
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -369,6 +396,9 @@ class Trainer:
         rngs = state.get("rng") or []
         if len(rngs) == self.ctx.world_size:
             set_rng_state(rngs[self.ctx.rank], self.device)
+        dropout = state.get("label_dropout") or []
+        if self.label_generator is not None and len(dropout) == self.ctx.world_size:
+            self.label_generator.set_state(dropout[self.ctx.rank])
         self.last_ckpt = ckpt.path
 
     def init_from(self, source: str | os.PathLike) -> list[str]:
@@ -408,7 +438,7 @@ class Trainer:
         run_dir = self.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_partial_checkpoints(run_dir)
-        write_run_config(run_dir, self.config, self.command)
+        write_run_config(run_dir, self.config, self.command, classes=self.class_names)
         self.logger = MetricsLogger(
             run_dir / METRICS_NAME,
             tensorboard_dir=run_dir / TENSORBOARD_DIR,
@@ -427,11 +457,22 @@ class Trainer:
             )
 
     # ------------------------------------------------------------------ one update
-    def train_step(self, x: torch.Tensor) -> None:
-        """One optimiser update on this rank's images ``x`` ``[A m, C, H, W]`` in [-1, 1];
+    def train_step(self, batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> None:
+        """One optimiser update on this rank's images ``x`` ``[A m, C, H, W]`` in [-1, 1] (a
+        conditional model: ``(x, labels [A m] int64)``, the dataset's labels on the host);
         nothing is read back to the host (see the class docstring)."""
         tcfg, device, accum, ddp = self.tcfg, self.device, self.tcfg.grad_accum, self.ddp
         self.model.train()
+        x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
+        if (y is None) != (self.label_generator is None):
+            raise ValueError(
+                "a class-conditional model trains on (images, labels) batches, an "
+                "unconditional one on images only"
+            )
+        if y is not None:
+            # On the host, where the labels are: no device sync.
+            y = drop_labels(y, tcfg.cond_drop, self.num_classes, self.label_generator)
+            y = y.to(device, non_blocking=True)
         x = x.to(device, non_blocking=True)
         self.generator.manual_seed(step_seed(tcfg.seed, self.step))
         t_all, noise_all = draw_t_and_noise(
@@ -454,6 +495,7 @@ class Trainer:
                         noise=noise_all[pos],
                         prediction=self.config.diffusion.prediction,
                         check_t=False,  # drawn above from randint(0, T)
+                        y=None if y is None else y[k::accum],
                     ).mean()
                 (loss / accum).backward()
             loss_sum += loss.detach().float()
@@ -560,6 +602,9 @@ class Trainer:
             "world_size": self.ctx.world_size,
             "elapsed_s": elapsed,
         }
+        if self.label_generator is not None:
+            states = all_gather_objects(self.ctx, self.label_generator.get_state())
+            training_state["label_dropout"] = states
         config = self.config
 
         def write() -> Path:
@@ -599,6 +644,10 @@ class Trainer:
         self._sample_model.load_state_dict(self.ema.state_dict())
         self._sample_model.eval()
         x_T = initial_noise(tcfg.num_samples, self.shape, seed=tcfg.seed, device=device)
+        # A conditional model: image i of class i mod N, one class per row of the grid.
+        labels = (
+            cycle_labels(tcfg.num_samples, range(self.num_classes)) if self.num_classes else None
+        )
         images = sample(
             self._sample_model,
             x_T,
@@ -607,8 +656,11 @@ class Trainer:
             schedule=self.schedule,
             seed=tcfg.seed,
             prediction=self.config.diffusion.prediction,
+            labels=labels,
         )
-        path = save_grid(images, self.run_dir / SAMPLES_DIR / f"{step_name(self.step)}.png")
+        path = save_grid(
+            images, self.run_dir / SAMPLES_DIR / f"{step_name(self.step)}.png", labels=labels
+        )
         self.samples.append(path)
         return path
 
