@@ -203,6 +203,26 @@ def test_init_from_starts_from_the_source_ema_and_refuses_other_architectures(tm
         other.restore(resume=False)
 
 
+def test_tsm_fine_tuning_starts_from_the_source_model_function(tmp_path, tiny):
+    """SDM's recipe: --init-from a trained plain model with tsm=true adds the TSM scales at 1
+    and starts from exactly the source model's function; then the scales train."""
+    source = train(tiny("total_steps=2"), tmp_path / "src", progress=False)
+    config = tiny("total_steps=2", "tsm=true", f"init_from={tmp_path / 'src'}")
+    trainer = Trainer(config, tmp_path / "tsm", loop_module.DistContext(), progress=False)
+    trainer.setup()
+    added = trainer.init_from(tmp_path / "src")
+    assert added and all(k.endswith("step_scale") for k in added)
+    reference = build_model(source.config.unet_config())
+    reference.load_state_dict(source.ema.state_dict())
+    x = torch.randn(2, *trainer.shape, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([3, 500])
+    reference.eval(), trainer.model.eval()
+    assert torch.equal(trainer.model(x, t), reference(x, t))
+    tuned = train(config, tmp_path / "tsm2", progress=False)
+    scales = [p for n, p in tuned.model.named_parameters() if n.endswith("step_scale")]
+    assert scales and any(not torch.equal(p, torch.ones_like(p)) for p in scales)  # they train
+
+
 def test_cli_says_how_to_resume_after_sigterm(tmp_path, tiny, monkeypatch):
     (tmp_path / "tiny.json").write_text(tiny("total_steps=5", "checkpoint_every=0").to_json())
     run = tmp_path / "run"
