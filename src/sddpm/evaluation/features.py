@@ -143,5 +143,5 @@ class FeatureNetwork:
         if self.name == "digits" and channels != 1:
             raise ValueError(
                 f"the digits feature network takes 1-channel images; these have {channels} "
-                "channels: use --features inception"
+                "channels: use the FID Inception features for them"
             )

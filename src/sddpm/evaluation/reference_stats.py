@@ -134,7 +134,7 @@ def compute_fid_stats_for_dataset(
     from ..data import build_dataset
 
     if num is not None and num < 2:
-        raise ValueError(f"FID statistics need at least 2 images, got --num {num}")
+        raise ValueError(f"FID statistics need at least 2 images, got {num}")
     dataset = build_dataset(dataset_name, data_dir, train=train, hflip=False, download=download)
     rank, world = rank_and_world()
     scores = score_dataset(

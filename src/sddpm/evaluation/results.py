@@ -198,8 +198,8 @@ def metrics_from_scores(
     out["kid"], out["kid_note"] = None, None
     if kid_features is None:
         out["kid_note"] = (
-            "no reference features: pass a stats file made with `fid-stats --keep-features`, "
-            "--kid-reference FILE.npz or --kid-dataset NAME"
+            "no reference features: KID needs the features of real images (a stats file made "
+            "with them, `sddpm fid-stats --keep-features`, or a KID reference file or dataset)"
         )
     elif scores.features is None:
         out["kid_note"] = "the generated images' features were not kept"

@@ -199,7 +199,7 @@ def score_dataset(
 
     total = len(dataset) if num is None else int(num)
     if total > len(dataset):
-        raise ValueError(f"--num {total} exceeds the dataset's {len(dataset)} images")
+        raise ValueError(f"{total} images asked for, but the dataset has {len(dataset)}")
     if total < 1:
         raise ValueError(f"need at least 1 image, got num={total}")
     idx = shard_indices(total, rank, world_size)
