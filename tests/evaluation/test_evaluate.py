@@ -85,6 +85,12 @@ def model_dir(tmp_path_factory):
     model = build_model(cfg)
     model.train()(torch.randn(8, 1, 8, 8), torch.randint(0, T, (8,)))  # BN running stats
     path = tmp_path_factory.mktemp("run") / "model"
+    return _save_with_schedule(model, path, T)
+
+
+def _save_with_schedule(model, path, T: int):
+    """``model`` (eval mode) as a model directory whose checkpoint has the ``diffusion``
+    section training writes: the linear schedule over ``T`` steps, eps prediction."""
     extra = {
         "diffusion": {
             "schedule": {"kind": "linear", "T": T, "beta_1": 1e-4, "beta_T": 0.02},
@@ -633,14 +639,7 @@ def cond_model_dir(tmp_path_factory):
         model.class_embed.weight.normal_(0, 2.0)
     model.train()(torch.randn(8, 1, 8, 8), torch.randint(0, T, (8,)))  # BN running stats
     path = tmp_path_factory.mktemp("cond") / "model"
-    extra = {
-        "diffusion": {
-            "schedule": {"kind": "linear", "T": T, "beta_1": 1e-4, "beta_T": 0.02},
-            "prediction": "eps",
-        }
-    }
-    save_pretrained(model.eval(), path, extra=extra)
-    return path
+    return _save_with_schedule(model, path, T)
 
 
 def record_labels(monkeypatch):
