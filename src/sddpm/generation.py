@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -37,6 +38,7 @@ class SamplingSetup:
     model: UNet
     schedule: NoiseSchedule
     prediction: str = "eps"
+    directory: Path | None = None  # the model directory it was read from (the checkpoint)
 
 
 def load_for_sampling(
@@ -56,7 +58,7 @@ def load_for_sampling(
     (:func:`sddpm.snn.set_neuron_kernel`; copies made for sampling keep it)."""
     loaded = load_model(path, weights=weights, map_location=device)
     set_neuron_kernel(loaded.model, neuron_kernel, device=device)
-    return SamplingSetup(loaded.model, loaded.schedule, loaded.prediction)
+    return SamplingSetup(loaded.model, loaded.schedule, loaded.prediction, loaded.directory)
 
 
 def num_classes_of(model: torch.nn.Module) -> int:

@@ -152,7 +152,6 @@ def evaluate_command(
     )
     from ..generation import load_for_sampling
     from ..io import write_json
-    from ..models import find_model_dir
 
     source = resolve_source(run, checkpoint)
     _check_features(features)
@@ -162,8 +161,8 @@ def evaluate_command(
         options = options.replace(device=str(dev))
         try:
             check_stats_file(stats, features)
-            model_dir = find_model_dir(source)
-            setup = _load(load_for_sampling, model_dir, weights, options)
+            setup = _load(load_for_sampling, source, weights, options)
+            model_dir = setup.directory  # the checkpoint resolved (and verified) once
             net = FeatureNetwork.load(features, inception_weights=inception_weights, device=dev)
             result = evaluate_model(
                 setup,
@@ -194,9 +193,9 @@ def evaluate_command(
             _proxy_warning()
 
 
-def _load(load_for_sampling, model_dir: Path, weights: str | None, options):
+def _load(load_for_sampling, source: Path, weights: str | None, options):
     return load_for_sampling(
-        model_dir, weights=weights, device=options.device, neuron_kernel=options.neuron_kernel
+        source, weights=weights, device=options.device, neuron_kernel=options.neuron_kernel
     )
 
 
@@ -266,7 +265,6 @@ def _sweep_command(
         sweep_paths,
     )
     from ..generation import load_for_sampling
-    from ..models import find_model_dir
 
     source = resolve_source(run, checkpoint)
     if metric not in SWEEP_METRICS:
@@ -286,8 +284,8 @@ def _sweep_command(
         options = options.replace(device=str(dev))
         try:
             check_stats_file(stats, features)
-            model_dir = find_model_dir(source)
-            setup = _load(load_for_sampling, model_dir, weights, options)
+            setup = _load(load_for_sampling, source, weights, options)
+            model_dir = setup.directory  # the checkpoint resolved (and verified) once
             if param == "guidance" and not setup.model.config.num_classes:
                 fail(f"sweep-guidance needs a class-conditional model; {source} is unconditional")
             net = FeatureNetwork.load(features, inception_weights=inception_weights, device=dev)

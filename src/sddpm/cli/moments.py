@@ -70,7 +70,7 @@ def eps_moments_command(
     from ..data import DatasetError, build_dataset
     from ..diffusion import SPACINGS, estimate_eps_moments, save_moments, timesteps
     from ..generation import load_for_sampling
-    from ..models import find_model_dir, fold_batchnorm
+    from ..models import fold_batchnorm
 
     source = resolve_source(run, checkpoint)
     if out.suffix != ".safetensors":
@@ -83,7 +83,7 @@ def eps_moments_command(
         setup = load_for_sampling(
             source, weights=weights, device=device, neuron_kernel=neuron_kernel
         )
-        model_dir = find_model_dir(source)
+        model_dir = setup.directory  # resolved (and verified) once, by load_for_sampling
         cfg, schedule = setup.model.config, setup.schedule
         grid = None if steps is None else timesteps(schedule, steps, spacing)
         data = _data_settings(model_dir, dataset, data_root)
