@@ -2,17 +2,23 @@
 
 Each program owns ``BLOCK`` neurons of the flattened ``[T, N]`` input and loops over the T SNN
 steps inside the kernel, so one launch covers the whole sequence and the membrane stays in
-registers, in float32 (float64 pointers are never passed). The functions are decorated when
-first asked for (:func:`kernels`), so ``TRITON_INTERPRET`` is read then (triton 3.6 and 3.9
-read it through ``triton.knobs`` at each ``triton.jit``). They call only ``tl`` builtins, never
-a ``@triton.jit`` library function such as ``tl.zeros``: those are decorated when triton is
-imported, and would stay compiled-mode functions inside an interpreted kernel when the variable
-is set after ``import triton`` (which ``import torch._inductor`` does).
+registers, in float32 (float64 pointers are never passed). T is a compile-time constant
+(``STEPS``; a model has one, so each kernel is built once) and its loop is unrolled: triton
+3.6's interpreter cannot loop ``range`` over a run-time scalar under NumPy 2.4 (it converts the
+bound with ``int`` of a one-element array).
 
-Only long-stable ``tl`` builtins are used (``program_id``, ``arange``, ``full``, ``load``/``store``
-with masks, ``where``, ``abs``, ``exp``, ``math.div_rn``), so the kernels build on triton 3.6 and
-3.9. ``div_rn`` is IEEE division (``/`` is an approximate division on NVIDIA GPUs) so that a
-LIF membrane is bit-for-bit the eager one on the CPU.
+The functions are decorated when first asked for (:func:`kernels`), so ``TRITON_INTERPRET`` is
+read then (triton 3.6 and 3.9 read it through ``triton.knobs`` at each ``triton.jit``). They
+call only ``tl`` builtins, never a ``@triton.jit`` library function such as ``tl.zeros``: those
+are decorated when triton is imported, and would stay compiled-mode functions inside an
+interpreted kernel when the variable is set after ``import triton`` (which
+``import torch._inductor`` does).
+
+Only long-stable ``tl`` builtins are used (``program_id``, ``arange``, ``full``,
+``load``/``store`` with masks, ``where``, ``abs``, ``exp``, ``math.div_rn``, ``static_range``);
+the tests pass under the interpreters of triton 3.6 (torch 2.11) and 3.9 (torch 2.13).
+``div_rn`` is IEEE division (``/`` is an approximate division on NVIDIA GPUs) so that a LIF
+membrane is bit-for-bit the eager one on the CPU.
 """
 
 from __future__ import annotations
@@ -30,7 +36,6 @@ def neuron_forward(
     h_ptr,
     v_ptr,
     n,
-    steps,
     threshold,
     tau,
     v_reset,
@@ -39,6 +44,7 @@ def neuron_forward(
     HARD: tl.constexpr,
     DECAY_INPUT: tl.constexpr,
     KEEP_H: tl.constexpr,
+    STEPS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Spikes ``[T, N]`` (in ``spike_ptr``'s dtype), pre-spike membranes ``h`` ``[T, N]``
@@ -52,7 +58,7 @@ def neuron_forward(
     x_ptrs = x_ptr + offs
     s_ptrs = spike_ptr + offs
     h_ptrs = h_ptr + offs
-    for _ in range(steps):
+    for _ in tl.static_range(STEPS):
         x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
         if LIF:
             if DECAY_INPUT:  # h = v + (x - (v - v_rest)) / tau
@@ -81,7 +87,6 @@ def neuron_backward(
     grad_x_ptr,
     n,
     last,
-    steps,
     threshold,
     v_reset,
     a,
@@ -91,6 +96,7 @@ def neuron_backward(
     HARD: tl.constexpr,
     DETACH: tl.constexpr,
     SURROGATE: tl.constexpr,
+    STEPS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """``dL/dx [T, N]`` (in ``grad_x_ptr``'s dtype) from the float32 pre-spike membranes
@@ -108,7 +114,7 @@ def neuron_backward(
     h_ptrs = h_ptr + last + offs
     gs_ptrs = grad_s_ptr + last + offs
     gx_ptrs = grad_x_ptr + last + offs
-    for _ in range(steps):
+    for _ in tl.static_range(STEPS):
         h = tl.load(h_ptrs, mask=mask, other=0.0)
         grad_s = tl.load(gs_ptrs, mask=mask, other=0.0).to(tl.float32)
         u = h - threshold

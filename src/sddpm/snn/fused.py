@@ -25,6 +25,7 @@ import sys
 import torch
 
 from . import triton_neuron
+from .layout import empty_steps
 from .surrogate import Surrogate
 
 
@@ -51,8 +52,8 @@ def _forward_loop(x_seq, threshold, tau, reset, v_reset, decay_input, keep_h):
     """Float spikes, last membrane, and the pre-spike membranes if ``keep_h``."""
     v_rest = v_reset if reset == "hard" else 0.0
     v = torch.full_like(x_seq[0], v_rest)
-    h_seq = torch.empty_like(x_seq) if keep_h else None
-    spikes = torch.empty_like(x_seq)
+    h_seq = empty_steps(x_seq) if keep_h else None
+    spikes = empty_steps(x_seq)
     for t in range(x_seq.shape[0]):
         x = x_seq[t]
         h = h_seq[t] if keep_h else v  # without h_seq, charge the membrane in place
@@ -290,7 +291,8 @@ def multistep_neuron(
 
 def _membrane_dtype(x_seq: torch.Tensor) -> torch.Tensor:
     """The input in the precision the membrane integrates in: float32 for 16-bit input (bf16
-    autocast), whose 8-bit mantissa could not resolve a threshold moved by 0.3 %."""
+    autocast), whose 8-bit mantissa could not resolve a threshold moved by 0.3 %. Each step
+    keeps its layout (:func:`~sddpm.snn.layout.empty_steps`), also for a broadcast input."""
     if x_seq.dtype in (torch.float16, torch.bfloat16):
-        return x_seq.float()
+        return empty_steps(x_seq, torch.float32).copy_(x_seq)
     return x_seq

@@ -25,6 +25,7 @@ import os
 
 import torch
 
+from .layout import empty_steps, in_step_layout
 from .surrogate import atan_grad, rectangular_grad, sigmoid_grad
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -80,11 +81,15 @@ def forward(
     """``x_seq [T, ...]`` (float16/bfloat16/float32) -> spikes ``[T, ...]`` in its dtype, the
     last membrane ``[...]`` float32, and the pre-spike membranes ``[T, ...]`` float32 if
     ``keep_h`` (else ``None``); the arguments are those of :func:`sddpm.snn.neuron_step`."""
-    x = x_seq.contiguous()
+    x = in_step_layout(x_seq)  # the kernel walks each step's values as one flat run
     steps, n = x.shape[0], x[0].numel()
-    spikes = torch.empty_like(x)
-    v = torch.empty(x.shape[1:], dtype=torch.float32, device=x.device)
-    h_seq = torch.empty(x.shape, dtype=torch.float32, device=x.device) if keep_h else None
+    spikes = empty_steps(x)
+    v = (
+        torch.empty_like(x[0], dtype=torch.float32)
+        if steps
+        else x.new_empty(x.shape[1:], dtype=torch.float32)
+    )
+    h_seq = empty_steps(x, torch.float32) if keep_h else None
     hard = reset == "hard"
     if n and steps:
         _launch(
@@ -96,7 +101,6 @@ def forward(
             h_seq if keep_h else v,
             v,
             n,
-            steps,
             float(threshold),
             float(tau) if tau is not None else 1.0,
             float(v_reset),
@@ -105,6 +109,7 @@ def forward(
             HARD=hard,
             DECAY_INPUT=bool(decay_input),
             KEEP_H=keep_h,
+            STEPS=steps,
             BLOCK=BLOCK,
         )
     else:
@@ -141,16 +146,16 @@ def backward(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """``dL/dx_seq [T, ...]`` in ``dtype`` from the float32 pre-spike membranes ``h_seq`` and
-    ``dL/dspikes`` (any float dtype); ``slope_fn`` is one of the surrogate derivatives of
-    :mod:`sddpm.snn.surrogate` at shape parameter ``width``."""
+    ``dL/dspikes`` (any float dtype and layout), laid out as ``h_seq``; ``slope_fn`` is one of
+    the surrogate derivatives of :mod:`sddpm.snn.surrogate` at shape parameter ``width``."""
     kind, scale, param = _slope_constants(slope_fn, width)
     if tau is None:
         a, b = 1.0, 1.0
     else:
         a, b = 1.0 - 1.0 / tau, (1.0 / tau if decay_input else 1.0)
-    grad_spikes = grad_spikes.contiguous()
+    grad_spikes = in_step_layout(grad_spikes, like=h_seq)  # walked in h_seq's order
     steps, n = h_seq.shape[0], h_seq[0].numel()
-    grad_x = torch.empty(h_seq.shape, dtype=dtype, device=h_seq.device)
+    grad_x = empty_steps(h_seq, dtype)
     if n and steps:
         _launch(
             _kernels()[1],
@@ -161,7 +166,6 @@ def backward(
             grad_x,
             n,
             (steps - 1) * n,
-            steps,
             float(threshold),
             float(v_reset),
             a,
@@ -171,6 +175,7 @@ def backward(
             HARD=reset == "hard",
             DETACH=bool(detach_reset),
             SURROGATE=kind,
+            STEPS=steps,
             BLOCK=BLOCK,
         )
     return grad_x
