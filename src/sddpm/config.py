@@ -134,6 +134,9 @@ class TrainSettings:
     threads: int | None = None  # torch CPU threads per process; None: torch's default
     compile: bool = False  # torch.compile the model
     neuron_kernel: str = "auto"  # neuron step loops: "auto", "eager", "compiled" or "triton"
+    # the layout the model computes in: "contiguous" (NCHW) or "channels_last" (NHWC; see
+    # sddpm.models.set_memory_format). On this project's CPUs NCHW is faster (benchmarks/)
+    memory_format: str = "contiguous"
     retain_cpu_memory: bool = True  # CPU: malloc keeps freed memory (sddpm.runtime)
     bf16: bool = True  # bfloat16 autocast, on CUDA only (ignored on the CPU)
     sync_bn: bool = False  # SyncBatchNorm under DDP (CUDA only): BN statistics over all ranks
@@ -189,6 +192,7 @@ class RunConfig:
         from .data import dataset_info
         from .diffusion import PREDICTIONS, SAMPLERS
         from .diffusion.options import MOMENT_SAMPLERS
+        from .models.memory_format import MEMORY_FORMATS
         from .snn import KERNELS
 
         problems: list[str] = []
@@ -238,6 +242,11 @@ class RunConfig:
         if t.neuron_kernel not in KERNELS:
             problems.append(
                 f"train.neuron_kernel must be one of {KERNELS}, got {t.neuron_kernel!r}"
+            )
+        if t.memory_format not in MEMORY_FORMATS:
+            problems.append(
+                f"train.memory_format must be one of {sorted(MEMORY_FORMATS)}, got "
+                f"{t.memory_format!r}"
             )
         preview_samplers = tuple(s for s in SAMPLERS if s not in MOMENT_SAMPLERS)
         if t.sampler not in preview_samplers:

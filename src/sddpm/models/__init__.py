@@ -4,12 +4,14 @@ from .checkpoint import find_model_dir, load_pretrained, read_config, save_pretr
 from .config import NeuronConfig, UNetConfig
 from .inference import fold_batchnorm
 from .labels import check_labels
+from .memory_format import MEMORY_FORMATS, memory_format_name, set_memory_format
 from .presets import PRESETS, preset
 from .tsm import tsm_scale_layers
 from .unet import ANNUNet, SpikingUNet, UNet, build_model, count_parameters
 
 __all__ = [
     "ANNUNet",
+    "MEMORY_FORMATS",
     "NeuronConfig",
     "PRESETS",
     "SpikingUNet",
@@ -22,7 +24,9 @@ __all__ = [
     "fold_batchnorm",
     "read_config",
     "load_pretrained",
+    "memory_format_name",
     "preset",
     "save_pretrained",
+    "set_memory_format",
     "tsm_scale_layers",
 ]

@@ -32,6 +32,26 @@ def _unfold(x: torch.Tensor, steps: int) -> torch.Tensor:
     return x.unflatten(0, (steps, -1))
 
 
+def _laid_out(x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    """``x`` with ``fmt``'s strides (``Tensor.contiguous`` would keep a one-channel image's
+    NCHW strides, which it counts as channels-last too)."""
+    if fmt == torch.contiguous_format:
+        return x.contiguous()
+    laid_out = torch.empty_like(x, memory_format=fmt)
+    return x if laid_out.stride() == x.stride() else laid_out.copy_(x)
+
+
+def _is_nhwc(x: torch.Tensor) -> bool:
+    """Whether a feature map ``[N, C, H, W]`` with several channels is laid out channels-last."""
+    return x.shape[1] > 1 and x.stride(1) == 1
+
+
+def _concat_channels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[S, B, C1, H, W]`` and ``[S, B, C2, H, W]`` -> ``[S, B, C1 + C2, H, W]``, joined on the
+    folded 4-D tensors so that a channels-last layout survives (a 5-D cat would not keep it)."""
+    return _unfold(torch.cat([_fold(a), _fold(b)], dim=1), a.shape[0])
+
+
 def _conv_bn(conv: nn.Module, bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """conv then BatchNorm on the folded SNN axis: ``[S, B, C, H, W]`` in and out."""
     return _unfold(bn(conv(_fold(x))), x.shape[0])
@@ -176,6 +196,29 @@ class Upsample(nn.Module):
         return _unfold(self.bn(self.conv(up)), x.shape[0])
 
 
+class _DecayedStepSum(torch.autograd.Function):
+    """``sum_i w_i out[i]`` over the SNN steps of ``out [S, B, C, H, W]``, for constant weights
+    ``w [S]``, in each step's layout (channels-last stays channels-last) both ways. Autograd's
+    own backward of this sum (or of indexing the steps) would build NCHW gradients, which a
+    channels-last model's head convs would then have to transpose."""
+
+    @staticmethod
+    def forward(ctx, out, weights):
+        step = torch.empty_like(out[0])
+        ctx.save_for_backward(weights)
+        ctx.layout = (out.shape, (step.numel(), *step.stride()), out.dtype, out.device)
+        return torch.sum(out * weights.view(-1, 1, 1, 1, 1), dim=0, out=step)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weights,) = ctx.saved_tensors
+        shape, strides, dtype, device = ctx.layout
+        grad_out = torch.empty_strided(shape, strides, dtype=dtype, device=device)
+        for i in range(shape[0]):
+            torch.mul(grad, weights[i], out=grad_out[i])
+        return grad_out, None
+
+
 class Head(nn.Module):
     """``bn, swish, conv`` to image channels (per SNN step), then the published temporal layer:
     ``h + swish(bn(conv3x3(h)))`` per step, and the decayed sum over SNN steps."""
@@ -197,10 +240,12 @@ class Head(nn.Module):
         steps = h_seq.shape[0]
         h = self.conv(F.silu(self.bn(_fold(h_seq))))
         w = self.temporal_conv.weight.squeeze(-1)
+        if _is_nhwc(h):  # a channels-last model: a weight to match
+            w = _laid_out(w, torch.channels_last)
         z = self.temporal_bn(F.conv2d(h, w, self.temporal_conv.bias, padding=1))
         out = _unfold(F.silu(z) + h, steps)
         weights = self.decay ** torch.arange(steps - 1, -1, -1, dtype=out.dtype, device=out.device)
-        return (out * weights.view(-1, 1, 1, 1, 1)).sum(0)
+        return _DecayedStepSum.apply(out, weights)
 
 
 class UNet(nn.Module):
@@ -217,10 +262,13 @@ class UNet(nn.Module):
     (the trainer) sets it to ``False``, so that a training step reads nothing back.
     ``check_y_values`` (default ``True``): the same for the labels ``y`` (the trainer's come
     from a dataset whose labels were checked when read, and label dropout gives the null class).
+    ``memory_format``: the layout the network computes in (set it with
+    :func:`sddpm.models.set_memory_format`); its input is laid out so on entry.
     """
 
     check_t_values: bool = True
     check_y_values: bool = True
+    memory_format: torch.memory_format = torch.contiguous_format  # see set_memory_format
 
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
@@ -339,6 +387,7 @@ class UNet(nn.Module):
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
     ) -> torch.Tensor:
         self.validate_input(x, t, y)
+        x = _laid_out(x, self.memory_format)
         temb = self.time_embed(t)
         if self.config.num_classes > 0:
             if y is None:
@@ -354,7 +403,7 @@ class UNet(nn.Module):
             h = block(h, temb)
         for block in self.decoder:
             if isinstance(block, ResBlock):
-                h = torch.cat([h, skips.pop()], dim=2)
+                h = _concat_channels(h, skips.pop())
             h = block(h, temb)
         return self.head(h)
 

@@ -60,7 +60,7 @@ from ..distributed import (
 )
 from ..images import save_grid
 from ..io import state_dict_mismatch
-from ..models import build_model
+from ..models import build_model, set_memory_format
 from ..models.checkpoint import load_state_into, read_config
 from ..models.config import UNetConfig
 from ..rundir import (
@@ -303,6 +303,7 @@ class Trainer:
         model = build_model(self.unet_cfg)
         # checked now for the device it will run on: no Triton or C++ compiler fails before step 1
         set_neuron_kernel(model, tcfg.neuron_kernel, device=device)
+        set_memory_format(model, tcfg.memory_format)  # before the optimiser holds the weights
         # t is drawn below as randint(0, schedule.T) and schedule.T == diffusion_steps was
         # checked on the host: the model need not read t back to check it again.
         model.check_t_values = False
@@ -641,6 +642,7 @@ class Trainer:
         if self._sample_model is None:
             self._sample_model = build_model(self.unet_cfg).to(device)
             set_neuron_kernel(self._sample_model, tcfg.neuron_kernel)
+            set_memory_format(self._sample_model, tcfg.memory_format)
         self._sample_model.load_state_dict(self.ema.state_dict())
         self._sample_model.eval()
         x_T = initial_noise(tcfg.num_samples, self.shape, seed=tcfg.seed, device=device)
