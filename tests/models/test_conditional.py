@@ -1,6 +1,7 @@
 """The class-conditional U-Net: the embedding, the null class, label checks, checkpoints."""
 
 import json
+import types
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from sddpm.models import (
     load_pretrained,
     save_pretrained,
 )
+from sddpm.models.labels import num_classes_of
 
 CLASSES = 5
 
@@ -155,6 +157,14 @@ def test_check_labels_on_the_host():
         check_labels([0, 1], CLASSES, batch=3)
     with pytest.raises(ValueError, match="unconditional model"):
         check_labels([0], 0)
+
+
+def test_num_classes_of_reads_the_config():
+    cond, plain = pair()
+    assert num_classes_of(cond) == CLASSES
+    assert num_classes_of(plain) == 0
+    assert num_classes_of(torch.nn.Identity()) == 0  # no config: unconditional
+    assert num_classes_of(types.SimpleNamespace(config=object())) == 0  # config without the field
 
 
 def test_checkpoint_records_the_class_count(tmp_path):
