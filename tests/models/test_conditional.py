@@ -112,8 +112,9 @@ def test_gradients_reach_only_the_rows_used():
 def test_label_errors_name_the_problem():
     cond, plain = pair()
     x, t = inputs(2)
-    with pytest.raises(ValueError, match="unconditional model"):
+    with pytest.raises(ValueError, match="unconditional model") as info:
         plain(x, t, torch.tensor([0, 1]))
+    assert "(UNetConfig(num_classes=N); CLI: --set num_classes=N)" in str(info.value)
     with pytest.raises(ValueError, match=r"\[0, 4\] or 5 \(the null class\), got values 0\.\.6"):
         cond(x, t, torch.tensor([0, 6]))
     with pytest.raises(ValueError, match=r"got values -1\.\.2"):

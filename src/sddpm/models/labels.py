@@ -29,7 +29,7 @@ def check_label_tensor(y: torch.Tensor, batch: int | None, num_classes: int) -> 
     if num_classes <= 0:
         raise ValueError(
             "labels were given to an unconditional model (num_classes=0); pass y=None, or "
-            "train a conditional model with --set num_classes=N"
+            "train a conditional model (UNetConfig(num_classes=N); CLI: --set num_classes=N)"
         )
     if not isinstance(y, torch.Tensor):
         raise ValueError(f"labels must be a torch.Tensor of int64, got {type(y).__name__}")
