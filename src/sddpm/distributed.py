@@ -43,12 +43,9 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     ``cuda:LOCAL_RANK``; anything else as given (``"cpu"``, ``"cuda:1"``)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
+    device = check_device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
     return device
 
 
@@ -147,13 +144,27 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def check_device(device: str | torch.device) -> torch.device:
-    """``device`` as a :class:`torch.device`; a ``ValueError`` for a bad name or missing CUDA."""
+    """``device`` as a :class:`torch.device`: the one check of a device name, and its message
+    (``SamplingOptions.device``, the CLI's ``--device`` and the process groups all use it).
+
+    Raises ``ValueError`` for a name torch does not know and for a CUDA device where CUDA is not
+    available (a CPU-only build of torch, or no GPU or driver).
+    """
     try:
         dev = torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"device {device!r} is not a device name ({err})") from None
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"{device!r} is not a device name; use 'cpu', 'cuda' or 'cuda:N' (a torch.device)"
+        ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} asked for, but CUDA is not available here")
+        if torch.version.cuda is None:
+            why, fix = "this torch is a CPU-only build", "install a CUDA build of torch"
+        else:
+            why, fix = "no CUDA GPU or driver found", "run on a machine with a CUDA GPU"
+        raise ValueError(
+            f"device '{dev}' asked for, but CUDA is not available here ({why}); use "
+            f"device='cpu' (CLI: --device cpu), or {fix}"
+        )
     return dev
 
 

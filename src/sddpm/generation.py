@@ -25,7 +25,7 @@ from .diffusion import (
 )
 from .finite import check_finite, check_finite_weights
 from .models import fold_batchnorm
-from .models.labels import check_labels
+from .models.labels import check_labels, num_classes_of
 from .models.unet import UNet
 from .rundir import load_model
 from .snn import set_neuron_kernel
@@ -59,11 +59,6 @@ def load_for_sampling(
     loaded = load_model(path, weights=weights, map_location=device)
     set_neuron_kernel(loaded.model, neuron_kernel, device=device)
     return SamplingSetup(loaded.model, loaded.schedule, loaded.prediction, loaded.directory)
-
-
-def num_classes_of(model: torch.nn.Module) -> int:
-    """The class count of a model (``config.num_classes``; 0: unconditional)."""
-    return int(getattr(getattr(model, "config", None), "num_classes", 0) or 0)
 
 
 def class_options(options: SamplingOptions, model: torch.nn.Module) -> SamplingOptions:

@@ -218,7 +218,7 @@ def test_a_bad_sampling_flag_is_named(model_dir, tmp_path):
         (["--batch-size", "0"], "--batch-size: batch_size must be an integer >= 1, got 0"),
         (["--spacing", "cubic"], "--spacing: unknown spacing 'cubic'"),
         (["--eta", "0.5", "--sampler", "ddpm"], "--eta: eta applies to the ddim sampler only"),
-        (["--device", "bogus"], "--device: 'bogus' is not a device name"),
+        (["--device", "bogus"], "--device: 'bogus' is not a device name; use 'cpu'"),
         (["--steps", "101"], "--steps: steps must be an integer in [1, 100]"),
     ]:
         result = CliRunner().invoke(app, [*args, *extra])

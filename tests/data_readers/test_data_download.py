@@ -152,8 +152,9 @@ def test_download_with_a_fake_fetch_and_wrong_bytes(tmp_path, monkeypatch):
 
 
 def test_celeba_and_unknown_are_refused(tmp_path):
-    with pytest.raises(DatasetError, match="license forbids redistribution"):
+    with pytest.raises(DatasetError, match="license forbids redistribution") as err:
         download("celeba", tmp_path, fetch=no_network)
+    assert "pass root=ROOT (CLI: --data-dir ROOT)" in str(err.value)
     with pytest.raises(DatasetError, match="no download"):
         download("folder", tmp_path, fetch=no_network)
     assert download("digits", tmp_path, fetch=no_network) == tmp_path

@@ -108,7 +108,8 @@ def test_idx_missing_names_files_folders_and_download(tmp_path):
     msg = str(err.value)
     assert "train-images-idx3-ubyte" in msg and "train-images-idx3-ubyte.gz" in msg
     assert str(tmp_path / "mnist") in msg and str(tmp_path) in msg
-    assert "--download" in msg and "https://" in msg
+    assert "download=True (CLI: --download)" in msg and "https://" in msg
+    assert f"sddpm.data.download('mnist', {str(tmp_path)!r})" in msg
     assert isinstance(err.value, ValueError)
 
 
@@ -125,7 +126,7 @@ def test_idx_truncated(tmp_path, write_idx):
     p.write_bytes(p.read_bytes()[:-10])
     with pytest.raises(DatasetError, match="truncated or corrupt") as err:
         build_dataset("mnist", root=tmp_path)
-    assert str(p) in str(err.value)
+    assert str(p) in str(err.value) and "(download=True; CLI: --download)" in str(err.value)
 
 
 def test_idx_bad_gzip(tmp_path):
@@ -195,13 +196,13 @@ def test_cifar_missing_batch_names_it(tmp_path, write_cifar_batch):
         build_dataset("cifar10", root=tmp_path)
     msg = str(err.value)
     assert "missing data_batch_4" in msg and str(folder) in msg
-    assert "--download" in msg and "cifar-10-python.tar.gz" in msg
+    assert "download=True (CLI: --download)" in msg and "cifar-10-python.tar.gz" in msg
 
 
 def test_cifar_corrupt_batches(tmp_path, write_cifar_batch):
     folder, _ = _cifar_folder(tmp_path, write_cifar_batch)
     (folder / "data_batch_2").write_bytes(b"\x80\x02garbage")
-    with pytest.raises(DatasetError, match="data_batch_2"):
+    with pytest.raises(DatasetError, match=r"data_batch_2.*\(download=True; CLI: --download\)"):
         build_dataset("cifar10", root=tmp_path)
     write_cifar_batch(folder / "data_batch_2", np.zeros((2, 3, 16, 16), np.uint8))  # wrong size
     with pytest.raises(DatasetError, match=r"expected uint8 \[N, 3072\]"):
@@ -246,6 +247,7 @@ def test_celeba_missing_explains_license(tmp_path):
     msg = str(err.value)
     assert "img_align_celeba" in msg and str(tmp_path) in msg
     assert "license" in msg and "https://" in msg
+    assert "download=True (CLI: --download) cannot fetch it" in msg
 
 
 def test_folder_recursive_square_crop_and_grayscale(tmp_path, write_image):

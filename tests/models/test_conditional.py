@@ -1,6 +1,7 @@
 """The class-conditional U-Net: the embedding, the null class, label checks, checkpoints."""
 
 import json
+import types
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from sddpm.models import (
     load_pretrained,
     save_pretrained,
 )
+from sddpm.models.labels import num_classes_of
 
 CLASSES = 5
 
@@ -110,8 +112,9 @@ def test_gradients_reach_only_the_rows_used():
 def test_label_errors_name_the_problem():
     cond, plain = pair()
     x, t = inputs(2)
-    with pytest.raises(ValueError, match="unconditional model"):
+    with pytest.raises(ValueError, match="unconditional model") as info:
         plain(x, t, torch.tensor([0, 1]))
+    assert "(UNetConfig(num_classes=N); CLI: --set num_classes=N)" in str(info.value)
     with pytest.raises(ValueError, match=r"\[0, 4\] or 5 \(the null class\), got values 0\.\.6"):
         cond(x, t, torch.tensor([0, 6]))
     with pytest.raises(ValueError, match=r"got values -1\.\.2"):
@@ -155,6 +158,14 @@ def test_check_labels_on_the_host():
         check_labels([0, 1], CLASSES, batch=3)
     with pytest.raises(ValueError, match="unconditional model"):
         check_labels([0], 0)
+
+
+def test_num_classes_of_reads_the_config():
+    cond, plain = pair()
+    assert num_classes_of(cond) == CLASSES
+    assert num_classes_of(plain) == 0
+    assert num_classes_of(torch.nn.Identity()) == 0  # no config: unconditional
+    assert num_classes_of(types.SimpleNamespace(config=object())) == 0  # config without the field
 
 
 def test_checkpoint_records_the_class_count(tmp_path):

@@ -139,3 +139,30 @@ def test_one_process_group_module_for_training_and_evaluation(monkeypatch):
         for name in ("rank_and_world", "shard_indices", "all_gather_rows"):
             if hasattr(module, name):
                 assert getattr(module, name) is getattr(distributed, name), (module, name)
+
+
+@pytest.mark.parametrize("cuda_build", [None, "12.1"])
+def test_one_device_check_names_the_problem_and_the_fix(monkeypatch, cuda_build):
+    """check_device owns the device-name check and its message; the sampling options and the
+    process groups say the same thing (the options name the field)."""
+    from sddpm import distributed
+    from sddpm.diffusion import OptionError, SamplingOptions
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", cuda_build)
+    fix = "install a CUDA build of torch" if cuda_build is None else "run on a machine with"
+    for check in (
+        distributed.check_device,
+        lambda d: SamplingOptions(device=d),
+        distributed.resolve_device,
+    ):
+        with pytest.raises(ValueError, match=r"'gpu' is not a device name; use 'cpu', 'cuda'"):
+            check("gpu")
+        with pytest.raises(ValueError) as info:
+            check("cuda:1")
+        message = str(info.value)
+        assert "device 'cuda:1' asked for, but CUDA is not available here" in message
+        assert "use device='cpu' (CLI: --device cpu)" in message and fix in message
+    with pytest.raises(OptionError) as info:
+        SamplingOptions(device=3.5)
+    assert info.value.field == "device" and "3.5 is not a device name" in str(info.value)

@@ -90,6 +90,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny, mo
         train(tiny("total_steps=8"), run, progress=False)
     assert err.value.step == 5 and err.value.checkpoint == run / "checkpoints" / "step_00000004"
     assert "step_00000004" in str(err.value)
+    assert "Lower optim.lr (CLI: --set lr=...)" in str(err.value)
+    assert "train(..., resume=True) (CLI: `sddpm train --resume RUN_DIR`)" in str(err.value)
     assert [p.name for p in resumable_checkpoints(run)] == ["step_00000002", "step_00000004"]
     weights = load_file(str(latest_checkpoint(run) / "model.safetensors"))
     assert all(torch.isfinite(v).all() for v in weights.values())

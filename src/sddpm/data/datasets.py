@@ -296,7 +296,7 @@ def read_idx(path: str | os.PathLike, expect_magic: int | None = None) -> np.nda
     (``expect_magic``: 2051 for images, 2049 for labels) or is not valid gzip.
     """
     path = Path(path)
-    fix = f"Delete {path} and download it again (the --download flag)."
+    fix = f"Delete {path} and download it again (download=True; CLI: --download)."
     try:
         data = _read_bytes(path)
     except (OSError, EOFError, gzip.BadGzipFile) as e:
@@ -390,8 +390,8 @@ class IdxDataset(TensorImageDataset):
         if path is None:
             raise DatasetError(
                 f"{name}: expected {stem} or {stem}.gz (and the matching labels file) in one of: "
-                f"{_fmt_folders(folders)}; none found. Run with the --download flag (or call "
-                f"sddpm.data.download({name!r}, {str(root)!r})), or fetch the .gz files from "
+                f"{_fmt_folders(folders)}; none found. Pass download=True (CLI: --download) or "
+                f"call sddpm.data.download({name!r}, {str(root)!r}), or fetch the .gz files from "
                 f"{self.URLS[name]} into {folders[0]}."
             )
         raw = read_idx(path, expect_magic=IDX_IMAGES_MAGIC)
@@ -409,9 +409,9 @@ class IdxDataset(TensorImageDataset):
         if path is None:
             raise DatasetError(
                 f"{self.name}: the labels file {stem} (or {stem}.gz) is missing from "
-                f"{_fmt_folders(self.label_folders)}; it is needed for class labels. Run with "
-                f"the --download flag, or fetch {stem}.gz from {self.URLS[self.name]} into "
-                f"{self.path.parent}."
+                f"{_fmt_folders(self.label_folders)}; it is needed for class labels. Pass "
+                f"download=True (CLI: --download), or fetch {stem}.gz from "
+                f"{self.URLS[self.name]} into {self.path.parent}."
             )
         # magic 2049: unsigned bytes, 1-D (read_idx refuses anything else)
         labels = read_idx(path, expect_magic=IDX_LABELS_MAGIC)
@@ -443,7 +443,7 @@ def read_cifar_batch_with_labels(path: str | os.PathLike) -> tuple[np.ndarray, n
     """One CIFAR python batch -> (uint8 ``[N, 3, 32, 32]``, int64 labels ``[N]`` from
     ``b'labels'``, or ``None`` when the batch has no such entry)."""
     path = Path(path)
-    fix = f"Delete {path.parent} and run with the --download flag to fetch it again."
+    fix = f"Delete {path.parent} and fetch it again (download=True; CLI: --download)."
     try:
         with open(path, "rb") as f:
             batch = pickle.load(f, encoding="bytes")
@@ -499,8 +499,8 @@ class Cifar10Dataset(TensorImageDataset):
             missing = [n for n in names if not (folders[0] / n).is_file()]
             raise DatasetError(
                 f"cifar10: expected {', '.join(names)} in one of: {_fmt_folders(folders)}; "
-                f"missing {', '.join(missing)} in {folders[0]}. Run with the --download flag "
-                f"(or call sddpm.data.download('cifar10', {str(root)!r})), or download "
+                f"missing {', '.join(missing)} in {folders[0]}. Pass download=True (CLI: "
+                f"--download) or call sddpm.data.download('cifar10', {str(root)!r}), or download "
                 f"{CIFAR10_URL} and extract it in {root}."
             )
         batches = [read_cifar_batch_with_labels(folder / n) for n in names]
@@ -514,7 +514,8 @@ class Cifar10Dataset(TensorImageDataset):
         if missing:
             raise DatasetError(
                 f"cifar10: {', '.join(missing)} has no b'labels' entry, so there are no class "
-                f"labels; delete {self.folder} and run with the --download flag."
+                f"labels; delete {self.folder} and fetch it again (download=True; CLI: "
+                "--download)."
             )
         labels = np.concatenate([labels for _, labels in self._batch_labels])
         return labels, CIFAR10_CLASSES, str(self.folder)
@@ -661,9 +662,9 @@ class CelebA64Dataset(ImageFolderDataset):
             raise DatasetError(
                 f"celeba64: expected the aligned CelebA images {CELEBA_FOLDER}/*.jpg "
                 f"(000001.jpg ... 202599.jpg) in one of: {_fmt_folders(folders)}; none found. "
-                f"CelebA's license forbids redistribution, so --download cannot fetch it: "
-                f"request 'Align&Cropped Images' (img_align_celeba.zip) from {CELEBA_URL} and "
-                f"unzip it in {root}."
+                "CelebA's license forbids redistribution, so download=True (CLI: --download) "
+                "cannot fetch it: request 'Align&Cropped Images' (img_align_celeba.zip) from "
+                f"{CELEBA_URL} and unzip it in {root}."
             )
         super().__init__(
             folder,

@@ -87,7 +87,8 @@ TARGET_FOLDERS = {
 CELEBA_INSTRUCTIONS = (
     "CelebA cannot be downloaded automatically: its license forbids redistribution. Request the "
     f"'Align&Cropped Images' (img_align_celeba.zip) from {CELEBA_URL} (or its Google Drive), "
-    f"unzip it so that ROOT/{CELEBA_FOLDER}/000001.jpg exists, and pass --data-root ROOT."
+    f"unzip it so that ROOT/{CELEBA_FOLDER}/000001.jpg exists, and pass root=ROOT (CLI: "
+    "--data-dir ROOT)."
 )
 
 

@@ -7,7 +7,7 @@ class DatasetError(ValueError):
     """A dataset is missing, incomplete or corrupt, or cannot be downloaded.
 
     The message names the files expected, the folder(s) looked in, and how to obtain them
-    (the ``--download`` flag, :func:`sddpm.data.download`, or a URL).
+    (``download=True``, CLI ``--download``; :func:`sddpm.data.download`; or a URL).
     """
 
 

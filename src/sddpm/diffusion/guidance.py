@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..models.labels import check_label_tensor, check_labels
+from ..models.labels import check_label_tensor, check_labels, num_classes_of
 
 
 def check_guidance(guidance: float) -> float:
@@ -76,8 +76,7 @@ class GuidedModel(nn.Module):
     ) -> None:
         super().__init__()
         if num_classes is None:
-            config = getattr(model, "config", None)
-            num_classes = int(getattr(config, "num_classes", 0))
+            num_classes = num_classes_of(model)
         self.model = model
         self.num_classes = int(num_classes)
         self.guidance = check_guidance(guidance)

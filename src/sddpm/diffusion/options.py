@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ..distributed import check_device
 from .guidance import check_guidance
 from .schedule import SPACINGS
 
@@ -206,13 +207,9 @@ class SamplingOptions:
         except ValueError as err:
             raise OptionError("neuron_kernel", str(err)) from None
         try:
-            dev = torch.device(self.device)
-        except (RuntimeError, TypeError) as err:
-            raise OptionError("device", f"{self.device!r} is not a device name ({err})") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise OptionError(
-                "device", f"device {self.device} asked for, but CUDA is not available here"
-            )
+            check_device(self.device)
+        except ValueError as err:
+            raise OptionError("device", str(err)) from None
 
     # ---------------------------------------------------------------- what the sampler runs
 

@@ -398,6 +398,7 @@ def export_nir(model: nn.Module, t: int, *, dtype: str = "float32", y: int | Non
     import sddpm
 
     from ..models import fold_batchnorm
+    from ..models.labels import check_labels, num_classes_of
 
     check_exportable(model)
     cfg = model.config
@@ -407,15 +408,13 @@ def export_nir(model: nn.Module, t: int, *, dtype: str = "float32", y: int | Non
         raise ValueError(f"t must be an integer diffusion step, got {t!r}")
     if not 0 <= int(t) < cfg.diffusion_steps:
         raise ValueError(f"t must be in [0, {cfg.diffusion_steps - 1}], got {t}")
-    n_classes = int(getattr(cfg, "num_classes", 0))
+    n_classes = num_classes_of(model)
     if y is None and n_classes > 0:
         raise ValueError(
             f"this model is class-conditional ({n_classes} classes): give the class to export, "
             f"y in 0..{n_classes - 1} (or {n_classes}, the null class)"
         )
     if y is not None:
-        from ..models.labels import check_labels
-
         if isinstance(y, bool) or not isinstance(y, (int, np.integer)):
             raise ValueError(f"y must be an integer class, got {y!r}")
         check_labels([int(y)], n_classes)

@@ -11,9 +11,16 @@ GPU step never waits on a device sync.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
+
+
+def num_classes_of(model: Any) -> int:
+    """The class count of a model, ``model.config.num_classes`` (0: unconditional, also for a
+    model without a config or a config without the field)."""
+    return int(getattr(getattr(model, "config", None), "num_classes", 0) or 0)
 
 
 def check_label_tensor(y: torch.Tensor, batch: int | None, num_classes: int) -> None:
@@ -22,7 +29,7 @@ def check_label_tensor(y: torch.Tensor, batch: int | None, num_classes: int) -> 
     if num_classes <= 0:
         raise ValueError(
             "labels were given to an unconditional model (num_classes=0); pass y=None, or "
-            "train a conditional model with --set num_classes=N"
+            "train a conditional model (UNetConfig(num_classes=N); CLI: --set num_classes=N)"
         )
     if not isinstance(y, torch.Tensor):
         raise ValueError(f"labels must be a torch.Tensor of int64, got {type(y).__name__}")

@@ -20,9 +20,9 @@ class NonFiniteLossError(RuntimeError):
         )
         super().__init__(
             f"non-finite training loss at step {step} (loss {loss}, gradient norm {grad_norm}); "
-            f"stopped without writing a checkpoint after it: {where}. Lower the learning "
-            "rate (e.g. --set lr=...) or check the data, then resume with "
-            "`sddpm train --resume RUN_DIR`."
+            f"stopped without writing a checkpoint after it: {where}. Lower optim.lr (CLI: "
+            "--set lr=...) or check the data, then resume with train(..., resume=True) (CLI: "
+            "`sddpm train --resume RUN_DIR`)."
         )
 
 

@@ -453,7 +453,7 @@ class Trainer:
         if self.start_step >= self.tcfg.total_steps:
             tqdm.write(
                 f"{run_dir} is already at step {self.start_step} of {self.tcfg.total_steps}; "
-                "nothing to do (extend it with --set total_steps=N)",
+                "nothing to do (extend it: raise train.total_steps; CLI: --set total_steps=N)",
                 file=sys.stderr,
             )
 
