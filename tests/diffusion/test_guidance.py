@@ -14,8 +14,10 @@ from sddpm.diffusion import (
     SamplingOptions,
     cycle_labels,
     drop_labels,
+    image_seed,
     initial_noise,
     label_dropout_generator,
+    label_dropout_uniforms,
     output_to_eps,
     sample,
 )
@@ -267,19 +269,64 @@ def test_label_dropout_edges():
         drop_labels(y, 0.1, 0, g)
 
 
-def test_label_dropout_generator_per_rank_and_resumable():
-    y = torch.arange(64) % 10
-    first = drop_labels(y, 0.5, 10, label_dropout_generator(7, rank=0))
-    assert torch.equal(first, drop_labels(y, 0.5, 10, label_dropout_generator(7, rank=0)))
-    assert not torch.equal(first, drop_labels(y, 0.5, 10, label_dropout_generator(7, rank=1)))
-    assert not torch.equal(first, drop_labels(y, 0.5, 10, label_dropout_generator(8, rank=0)))
-    g = label_dropout_generator(7)
-    drop_labels(y, 0.5, 10, g)
-    state = g.get_state()
-    after = [drop_labels(y, 0.5, 10, g) for _ in range(3)]
-    resumed = torch.Generator()
-    resumed.set_state(state)
-    assert all(torch.equal(a, drop_labels(y, 0.5, 10, resumed)) for a in after)
+def test_label_dropout_uniforms_are_a_function_of_seed_and_step():
+    u = label_dropout_uniforms(7, 5, 64)
+    assert u.shape == (64,) and u.dtype == torch.float32 and u.device.type == "cpu"
+    assert bool((u >= 0).all() and (u < 1).all())
+    # nothing but (seed, step): the same pair repeats, whatever was drawn before
+    label_dropout_uniforms(7, 4, 64)
+    assert torch.equal(label_dropout_uniforms(7, 5, 64), u)
+    assert not torch.equal(label_dropout_uniforms(7, 6, 64), u)
+    assert not torch.equal(label_dropout_uniforms(8, 5, 64), u)
+    # the step's own stream of the run's seed, apart from the per-image sampling streams
+    gen = torch.Generator().manual_seed(image_seed(7, 5, 2))
+    assert torch.equal(u, torch.rand(64, generator=gen))
+    assert torch.equal(u, torch.rand(64, generator=label_dropout_generator(7, 5)))
+    for stream in (0, 1):
+        other = torch.Generator().manual_seed(image_seed(7, 5, stream))
+        assert not torch.equal(u, torch.rand(64, generator=other))
+    assert label_dropout_uniforms(7, 5, 0).shape == (0,)
+    with pytest.raises(ValueError, match="batch_size"):
+        label_dropout_uniforms(7, 5, -1)
+
+
+def test_label_dropout_from_given_uniforms():
+    y = torch.arange(6) % 3
+    u = torch.tensor([0.0, 0.2, 0.29, 0.3, 0.9, 1 - 2**-24])  # 1 - 2^-24: float32's last < 1
+    assert drop_labels(y, 0.3, 3, uniforms=u).tolist() == [3, 3, 3, 0, 1, 2]  # u < p
+    # p = 0 drops nothing (not even u = 0), p = 1 everything (even the largest u < 1)
+    assert torch.equal(drop_labels(y, 0.0, 3, uniforms=u), y)
+    assert drop_labels(y, 1.0, 3, uniforms=u).tolist() == [3] * 6
+    assert torch.equal(y, torch.arange(6) % 3)  # not modified
+    with pytest.raises(ValueError, match="exactly one of generator= and uniforms="):
+        drop_labels(y, 0.3, 3)
+    with pytest.raises(ValueError, match="exactly one of generator= and uniforms="):
+        drop_labels(y, 0.3, 3, torch.Generator(), uniforms=u)
+    with pytest.raises(ValueError, match="one uniform per label"):
+        drop_labels(y, 0.3, 3, uniforms=u[:5])
+    with pytest.raises(ValueError, match="floating-point tensor"):
+        drop_labels(y, 0.3, 3, uniforms=torch.zeros(6, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.05, 0.1, 0.5, 1.0])
+def test_label_dropout_rate_over_many_steps(p):
+    """Dropped iff u < p with u uniform on [0, 1): probability exactly p (0 and 1 included).
+    Counted over 400 steps x 256 labels of one seed: within 5 standard deviations of n p, and
+    so is every quarter of the global batch (no position is favoured)."""
+    steps, batch, null = 400, 256, 10
+    y = torch.arange(batch) % 10
+    dropped = torch.stack(
+        [
+            drop_labels(y, p, null, uniforms=label_dropout_uniforms(0, step, batch)) == null
+            for step in range(steps)
+        ]
+    )
+    for part in (dropped, *dropped.chunk(4, dim=1)):
+        n = part.numel()
+        sd = math.sqrt(n * p * (1 - p))
+        assert abs(int(part.sum()) - n * p) <= 5 * sd, (p, int(part.sum()), n)
+    if p in (0.0, 1.0):
+        assert bool((dropped == bool(p)).all())
 
 
 # ---------------------------------------------------------------- sample(labels=, guidance=)

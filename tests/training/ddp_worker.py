@@ -1,7 +1,9 @@
-"""Run by test_ddp.py under torchrun: train, then save this rank's losses and weights.
+"""Run by test_ddp.py under torchrun: train, then save this rank's losses, weights and the
+labels each of its micro-batches trained on (after dropout; conditional models).
 
 python -m torch.distributed.run --standalone --nproc_per_node=2 ddp_worker.py CONFIG RUN OUT [MODE]
 
+MODE ``resume`` continues the run in RUN from its newest checkpoint.
 MODE (fault injection): ``disk-full`` makes rank 0's checkpoint writer fail with ENOSPC;
 ``sigterm-rank1`` sends SIGTERM to rank 1 alone during update 2. Either way each rank writes
 ``rankR.json`` with the error it stopped with and the step it stopped at.
@@ -39,12 +41,26 @@ def inject(mode: str, rank: int) -> None:
         Trainer.train_step = step
 
 
+def record_labels() -> list[torch.Tensor]:
+    """The labels ``y`` of every training-loss call (one per micro-batch), in order."""
+    seen: list[torch.Tensor] = []
+    real = loop_module.training_loss
+
+    def loss(*args, **kwargs):
+        if kwargs.get("y") is not None:
+            seen.append(kwargs["y"].clone())
+        return real(*args, **kwargs)
+
+    loop_module.training_loss = loss
+    return seen
+
+
 def main() -> None:
     config = RunConfig.from_json(Path(sys.argv[1]).read_text())
     run_dir, out = Path(sys.argv[2]), Path(sys.argv[3])
     mode = sys.argv[4] if len(sys.argv) > 4 else None
     rank = int(os.environ.get("RANK", "0"))
-    if mode is not None:
+    if mode not in (None, "resume"):
         inject(mode, rank)
         stopped_at = {}
         real_after = Trainer._after_step
@@ -61,10 +77,12 @@ def main() -> None:
             error = f"{type(err).__name__}: {err}"
         (out / f"rank{rank}.json").write_text(json.dumps({"error": error, **stopped_at}))
         return
-    result = train(config, run_dir, progress=False)
+    labels = record_labels()
+    result = train(config, run_dir, resume=mode == "resume", progress=False)
     torch.save(
         {
             "losses": result.losses,
+            "labels": labels,
             "state": result.model.state_dict(),
             "ema": result.ema.state_dict(),
             "world_size": int(os.environ.get("WORLD_SIZE", "1")),

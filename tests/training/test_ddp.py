@@ -24,10 +24,10 @@ from sddpm.training import latest_checkpoint, resumable_checkpoints, train
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-def _torchrun(tmp_path, config, *mode: str, run: str = "run"):
-    """Run ddp_worker.py on 2 Gloo ranks; returns its output folder."""
+def _torchrun(tmp_path, config, *mode: str, run: str = "run", out: str = "out"):
+    """Run ddp_worker.py on 2 Gloo ranks; returns its output folder ``tmp_path / out``."""
     (tmp_path / "config.json").write_text(config.to_json())
-    out = tmp_path / "out"
+    out = tmp_path / out
     out.mkdir()
     proc = subprocess.run(
         [
@@ -105,25 +105,40 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_logging_step(tmp_path
     assert [p.name for p in resumable_checkpoints(tmp_path / "run")] == ["step_00000003"]
 
 
-def test_two_gloo_ranks_train_a_conditional_model_like_one_process(tmp_path, tiny):
-    """Labels travel with their images under DDP: without dropout (cond_drop=0) two ranks
-    compute what one process computes in 2 micro-batches; each rank keeps its own dropout
-    stream in the checkpoint."""
-    from sddpm.diffusion import label_dropout_generator
+def test_two_gloo_ranks_train_a_conditional_model_like_one_process(tmp_path, tiny, monkeypatch):
+    """Label dropout is a function of (seed, step, global position): two ranks with one
+    micro-batch each drop exactly the labels one process drops in 2 micro-batches (rank r's
+    images are micro-batch r's), so the losses and weights are bit-identical too, with
+    cond_drop=0.5. No dropout state is saved, and a 2-rank run resumed from its checkpoint
+    goes on like the uninterrupted 1-process run."""
     from sddpm.training import load_training_state
+    from sddpm.training import loop as loop_module
 
-    steps = 3
-    config = tiny("num_classes=10", "cond_drop=0", f"total_steps={steps}", "checkpoint_every=0")
-    out = _torchrun(tmp_path, config, run="ddp_run")
-    r0 = torch.load(out / "rank0.pt", weights_only=True)
-    single = train(config.override(["grad_accum=2"]), tmp_path / "single", progress=False)
-    assert single.losses == r0["losses"]
-    for name, value in r0["state"].items():
+    config = tiny("num_classes=10", "cond_drop=0.5", "total_steps=3", "checkpoint_every=0")
+    first = _torchrun(tmp_path, config, run="ddp_run")
+    assert "label_dropout" not in load_training_state(latest_checkpoint(tmp_path / "ddp_run"))
+    longer = config.override(["total_steps=6"])
+    second = _torchrun(tmp_path, longer, "resume", run="ddp_run", out="resumed")
+
+    seen, real_loss = [], loop_module.training_loss
+
+    def loss(*args, **kwargs):
+        seen.append(kwargs["y"].clone())
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "training_loss", loss)
+    single = train(longer.override(["grad_accum=2"]), tmp_path / "single", progress=False)
+    assert len(seen) == 6 * 2
+    dropped = int(torch.cat(seen).eq(10).sum())
+    assert 0 < dropped < 6 * 8  # some labels dropped, not all
+
+    for out, steps in ((first, range(3)), (second, range(3, 6))):
+        ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+        for rank, result in enumerate(ranks):
+            assert len(result["labels"]) == len(steps), rank  # one micro-batch per step
+            for step, y in zip(steps, result["labels"], strict=True):
+                assert torch.equal(y, seen[2 * step + rank]), (rank, step)
+        assert ranks[0]["losses"] == single.losses[steps.start : steps.stop]
+    for name, value in ranks[0]["state"].items():
         if "running_" not in name and "num_batches" not in name:
             assert torch.equal(value, single.model.state_dict()[name]), name
-    states = load_training_state(latest_checkpoint(tmp_path / "ddp_run"))["label_dropout"]
-    for rank, state in enumerate(states):  # 4 labels per rank and step
-        gen = label_dropout_generator(3, rank)
-        torch.rand(4 * steps, generator=gen)
-        assert torch.equal(state, gen.get_state()), rank
-    assert len(states) == 2 and not torch.equal(states[0], states[1])

@@ -20,6 +20,7 @@ from .guidance import (
     cycle_labels,
     drop_labels,
     label_dropout_generator,
+    label_dropout_uniforms,
 )
 from .loss import (
     PREDICTIONS,
@@ -66,6 +67,7 @@ __all__ = [
     "image_seed",
     "initial_noise",
     "label_dropout_generator",
+    "label_dropout_uniforms",
     "load_moments",
     "loss_map",
     "output_to_eps",

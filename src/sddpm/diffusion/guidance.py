@@ -1,8 +1,10 @@
 """Classifier-free guidance (Ho & Salimans 2022): one network, conditional and unconditional.
 
 Training drops each label to the null class with probability ``p`` (:func:`drop_labels`), so
-the network learns ``eps(x_t, t, y)`` and ``eps(x_t, t, null)``. Sampling mixes the two with a
-guidance weight w (Ho & Salimans, Eq. 6, written with w = 1 + their w):
+the network learns ``eps(x_t, t, y)`` and ``eps(x_t, t, null)``; the trainer's decisions are a
+function of (seed, step, the image's position in the global batch) alone
+(:func:`label_dropout_uniforms`), like its diffusion times and noise. Sampling mixes the two
+with a guidance weight w (Ho & Salimans, Eq. 6, written with w = 1 + their w):
 
     eps = eps_uncond + w (eps_cond - eps_uncond)
 
@@ -145,28 +147,53 @@ def cycle_labels(
 LABEL_DROPOUT_STREAM = 2  # beside seeding's streams 0 (initial noise) and 1 (sampler noise)
 
 
-def label_dropout_generator(seed: int, rank: int = 0) -> torch.Generator:
-    """A CPU generator for :func:`drop_labels`, seeded from ``(seed, rank)`` alone and apart
-    from every other stream of the run. Save ``generator.get_state()`` with the training state
-    and ``set_state`` it on resume for the same dropout decisions."""
+def label_dropout_generator(seed: int, step: int = 0) -> torch.Generator:
+    """The CPU generator of training update ``step``'s label-dropout uniforms, seeded from
+    ``image_seed(seed, step, LABEL_DROPOUT_STREAM)``: from ``(seed, step)`` alone, apart from
+    the per-image sampling streams and from the step's ``t`` and noise. Nothing about it needs
+    saving: a resumed run re-creates it for the step it resumes at.
+
+    (Before the decisions became a function of the step, the second argument was the rank and
+    the generator one stream per rank whose state the training state carried.)"""
     from .seeding import image_seed
 
-    return torch.Generator().manual_seed(image_seed(int(seed), int(rank), LABEL_DROPOUT_STREAM))
+    return torch.Generator().manual_seed(image_seed(int(seed), int(step), LABEL_DROPOUT_STREAM))
+
+
+def label_dropout_uniforms(seed: int, step: int, batch_size: int) -> torch.Tensor:
+    """The ``batch_size`` uniforms in [0, 1) of update ``step``'s whole global batch (CPU,
+    float32): entry ``g`` decides the label at global position ``g`` (dropped when below
+    ``p``; pass a rank's entries to :func:`drop_labels` as ``uniforms=``). Each entry depends
+    on ``(seed, step, g)`` only, not on how the batch is split over processes and
+    micro-batches."""
+    if int(batch_size) < 0:
+        raise ValueError(f"batch_size must be >= 0, got {batch_size!r}")
+    return torch.rand(int(batch_size), generator=label_dropout_generator(seed, step))
 
 
 def drop_labels(
-    y: torch.Tensor, p: float, null_class: int, generator: torch.Generator
+    y: torch.Tensor,
+    p: float,
+    null_class: int,
+    generator: torch.Generator | None = None,
+    *,
+    uniforms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Label dropout for classifier-free guidance training: each label becomes ``null_class``
-    with probability ``p``, independently.
+    with probability ``p``, independently. A pure function of its arguments (and of the
+    generator's state, when one is given).
+
+    Label ``b`` is dropped when its uniform ``u[b]`` in [0, 1) is below ``p``, so ``p = 0``
+    drops none and ``p = 1`` all. Give exactly one of ``generator`` and ``uniforms``.
 
     Args:
         y: labels ``[B]`` of an integer dtype (not modified).
         p: the dropout probability in [0, 1] (``cond_drop``).
         null_class: the null label, the model's ``config.num_classes``.
-        generator: the random stream (part of the training state for an exact resume). One
-            uniform per label is drawn on the generator's device whatever ``p`` is, so the
-            stream advances by ``B`` every call.
+        generator: a random stream: ``B`` uniforms are drawn from it on the generator's device
+            whatever ``p`` is, so the stream advances by ``B`` every call.
+        uniforms: the uniforms themselves, ``[B]`` floats in [0, 1) (the trainer passes its
+            rows of :func:`label_dropout_uniforms`); nothing is drawn.
 
     Returns:
         A new tensor like ``y``, on ``y``'s device.
@@ -179,6 +206,18 @@ def drop_labels(
             "dropout is for class-conditional models"
         )
     check_label_tensor(y, None, int(null_class))
-    u = torch.rand(y.shape, generator=generator, device=generator.device)
+    if (generator is None) == (uniforms is None):
+        raise ValueError("drop_labels takes exactly one of generator= and uniforms=")
+    if uniforms is None:
+        u = torch.rand(y.shape, generator=generator, device=generator.device)
+    else:
+        u = uniforms
+        if not (isinstance(u, torch.Tensor) and u.dtype.is_floating_point):
+            what = f"dtype {u.dtype}" if isinstance(u, torch.Tensor) else type(u).__name__
+            raise ValueError(f"uniforms must be a floating-point tensor, got {what}")
+        if tuple(u.shape) != tuple(y.shape):
+            raise ValueError(
+                f"expected one uniform per label, {tuple(y.shape)}, got {tuple(u.shape)}"
+            )
     drop = (u < p).to(y.device)
     return torch.where(drop, torch.full_like(y, int(null_class)), y)

@@ -14,8 +14,12 @@ no RNG state and is bit-identical on the CPU.
 **Class-conditional models** (``num_classes = N > 0``) train on the dataset's labels (its
 class count checked against ``N`` before the first step), each replaced by the null class ``N``
 with probability ``train.cond_drop`` (classifier-free guidance's label dropout). The dropout
-decisions come from one stream per rank (:func:`~sddpm.diffusion.label_dropout_generator`)
-whose state is part of the training state, so a resumed run drops the same labels.
+decisions follow the same rule: on the host, every rank draws one uniform per image of the
+whole global batch from a CPU generator seeded by ``(seed, step)``
+(:func:`~sddpm.diffusion.label_dropout_uniforms`) and drops its own images' labels with the
+entries at their global positions (:func:`rank_batch_positions`). So a run on ``W`` processes
+drops the labels one process with ``A W`` micro-batches drops, and the training state holds no
+dropout RNG state (older checkpoints' per-rank dropout streams are ignored on resume).
 
 BatchNorm statistics are per micro-batch (per rank under DDP, as published) unless
 ``train.sync_bn`` is set on CUDA, where SyncBatchNorm pools them over the ranks.
@@ -46,7 +50,7 @@ from ..diffusion import (
     draw_t_and_noise,
     drop_labels,
     initial_noise,
-    label_dropout_generator,
+    label_dropout_uniforms,
     sample,
     training_loss,
 )
@@ -94,6 +98,7 @@ __all__ = [
     "Trainer",
     "TrainingStopped",
     "micro_batch_positions",
+    "rank_batch_positions",
     "step_seed",
     "train",
 ]
@@ -131,6 +136,18 @@ def micro_batch_positions(
     """Global-batch positions ``(k + j accum) world_size + rank`` (``j < micro``) of rank
     ``rank``'s micro-batch ``k``: the rows of the step's ``t`` and noise it uses."""
     return (k + torch.arange(micro) * accum) * world_size + rank
+
+
+def rank_batch_positions(micro: int, accum: int, world_size: int, rank: int) -> torch.Tensor:
+    """Global-batch positions of rank ``rank``'s ``accum * micro`` images, in the order its
+    batch ``x`` (and labels ``y``) holds them: micro-batch ``k`` is ``x[k::accum]``, so row
+    ``j accum + k`` is at :func:`micro_batch_positions` ``(k, ...)[j]``. (That is
+    ``i world_size + rank`` for row ``i``: the rank's rows are the global batch's
+    ``rank::world_size``.)"""
+    positions = torch.empty(accum * micro, dtype=torch.int64)
+    for k in range(accum):
+        positions[k::accum] = micro_batch_positions(k, micro, accum, world_size, rank)
+    return positions
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -309,8 +326,12 @@ class Trainer:
         model.check_t_values = False
         # Labels come from the dataset, checked when read (_setup_data), or are the null class.
         model.check_y_values = False
-        self.label_generator = (
-            label_dropout_generator(tcfg.seed, ctx.rank) if self.num_classes > 0 else None
+        # Where this rank's labels sit in the global batch: the entries of the step's dropout
+        # uniforms it uses (on the host, like the labels).
+        self.label_positions = (
+            rank_batch_positions(self.micro, tcfg.grad_accum, ctx.world_size, ctx.rank)
+            if self.num_classes > 0
+            else None
         )
         if tcfg.sync_bn and ctx.world_size > 1:
             if device.type == "cuda":
@@ -397,9 +418,10 @@ class Trainer:
         rngs = state.get("rng") or []
         if len(rngs) == self.ctx.world_size:
             set_rng_state(rngs[self.ctx.rank], self.device)
-        dropout = state.get("label_dropout") or []
-        if self.label_generator is not None and len(dropout) == self.ctx.world_size:
-            self.label_generator.set_state(dropout[self.ctx.rank])
+        # Checkpoints written before the dropout decisions became a function of (seed, step)
+        # carry a "label_dropout" list of per-rank generator states. It is ignored: after such a
+        # resume the decisions follow the (seed, step) scheme (different labels are dropped
+        # from the resumed step on than the old stream would have dropped, at the same rate).
         self.last_ckpt = ckpt.path
 
     def init_from(self, source: str | os.PathLike) -> list[str]:
@@ -460,19 +482,22 @@ class Trainer:
     # ------------------------------------------------------------------ one update
     def train_step(self, batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> None:
         """One optimiser update on this rank's images ``x`` ``[A m, C, H, W]`` in [-1, 1] (a
-        conditional model: ``(x, labels [A m] int64)``, the dataset's labels on the host);
+        conditional model: ``(x, labels [A m] int64)``, the dataset's labels on the host, whose
+        dropout is decided there from the step's uniforms at the images' global positions);
         nothing is read back to the host (see the class docstring)."""
         tcfg, device, accum, ddp = self.tcfg, self.device, self.tcfg.grad_accum, self.ddp
         self.model.train()
         x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
-        if (y is None) != (self.label_generator is None):
+        if (y is None) != (self.label_positions is None):
             raise ValueError(
                 "a class-conditional model trains on (images, labels) batches, an "
                 "unconditional one on images only"
             )
         if y is not None:
-            # On the host, where the labels are: no device sync.
-            y = drop_labels(y, tcfg.cond_drop, self.num_classes, self.label_generator)
+            # On the host, where the labels are: no device sync. Row i of y is the image at
+            # global position label_positions[i] (see rank_batch_positions).
+            u = label_dropout_uniforms(tcfg.seed, self.step, tcfg.batch_size)
+            y = drop_labels(y, tcfg.cond_drop, self.num_classes, uniforms=u[self.label_positions])
             y = y.to(device, non_blocking=True)
         x = x.to(device, non_blocking=True)
         self.generator.manual_seed(step_seed(tcfg.seed, self.step))
@@ -603,9 +628,6 @@ class Trainer:
             "world_size": self.ctx.world_size,
             "elapsed_s": elapsed,
         }
-        if self.label_generator is not None:
-            states = all_gather_objects(self.ctx, self.label_generator.get_state())
-            training_state["label_dropout"] = states
         config = self.config
 
         def write() -> Path:
