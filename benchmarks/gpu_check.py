@@ -131,49 +131,48 @@ def peak_gib(device) -> float | None:
 
 
 class TrainingStep:
-    """One optimiser update as ``sddpm train`` makes it: bf16 autocast, the diffusion loss,
-    backward, gradient clipping, Adam, EMA, on random images in [-1, 1]."""
+    """One optimiser update exactly as ``sddpm train`` makes it (``Trainer.train_step``: bf16
+    autocast on CUDA, the diffusion loss, backward, clipping, Adam, EMA, no host sync), on
+    random images in [-1, 1]."""
 
-    def __init__(self, preset_name: str, kind: str, batch: int, device, shrink=None) -> None:
+    def __init__(
+        self, preset_name: str, kind: str, batch: int, device, shrink=None, memory_format=None
+    ) -> None:
         import torch
 
         from sddpm.config import run_preset
-        from sddpm.models import build_model
-        from sddpm.training import EMA, build_optimizer, trainable_parameters
+        from sddpm.training.loop import Trainer
 
-        config = run_preset(preset_name, kind)
-        if shrink:  # model settings to override, e.g. QUICK_MODEL
-            config = config.override(dict(shrink))
+        settings = {"batch_size": batch, "device": str(device), **(shrink or {})}
+        if memory_format:
+            settings["memory_format"] = memory_format
+        config = run_preset(preset_name, kind).override(settings)
         self.config = config
+        self.trainer = Trainer.without_data(config, device)
         unet = config.unet_config()
-        self.schedule = config.diffusion.build()
-        torch.manual_seed(0)
-        self.model = build_model(unet).to(device).train()
-        self.optimizer, self.scheduler = build_optimizer(self.model, config.optim)
-        self.ema = EMA(self.model, config.optim.ema_decay)
-        self.params = trainable_parameters(self.model)
         shape = (batch, unet.image_channels, unet.image_size, unet.image_size)
+        torch.manual_seed(0)
         self.x0 = torch.rand(shape, device=device) * 2 - 1
-        self.generator = torch.Generator(device=device).manual_seed(0)
+        self.bf16 = device.type == "cuda" and config.train.bf16
         self.device = device
         self.batch = batch
-        self.net = self.model  # what the loss calls: the model, or a DDP / compiled wrapper
+
+    @property
+    def model(self):
+        return self.trainer.model
+
+    @property
+    def net(self):
+        """What the loss calls: the model, or a DDP / compiled wrapper of it."""
+        return self.trainer.net
+
+    @net.setter
+    def net(self, net) -> None:
+        self.trainer.net = net
 
     def __call__(self):
-        import torch
-
-        from sddpm.diffusion import draw_t_and_noise, training_loss
-
-        t, noise = draw_t_and_noise(self.x0, self.schedule, self.generator)
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16):
-            loss = training_loss(self.net, self.x0, self.schedule, t=t, noise=noise).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, self.config.optim.grad_clip or math.inf)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.ema.update(self.model)
-        return loss.detach()
+        self.trainer.train_step(self.x0)
+        return self.trainer.last_loss
 
     def conv_flops(self) -> int:
         from torch.utils.flop_counter import FlopCounterMode
@@ -188,66 +187,97 @@ class TrainingStep:
 
 def dense_conv_flops_per_s(device, quick: bool) -> float:
     """Dense 3x3 conv, 128 -> 128 channels, 32x32, forward + both backward convs, under bf16
-    autocast: the reference the U-Net's convs are measured against."""
+    autocast, in NCHW and in NHWC (the faster counts): the reference the U-Net's convs are
+    measured against."""
     import torch
     import torch.nn.functional as F
 
     n, c, hw = (4, 32, 16) if quick else (128, 128, 32)
-    x = torch.randn(n, c, hw, hw, device=device, requires_grad=True)
-    w = torch.randn(c, c, 3, 3, device=device, requires_grad=True)
     flops = 3 * 2 * n * c * c * 9 * hw * hw
     best = math.inf
-    for _ in range(3 if quick else 10):
-        sync(device)
-        t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            y = F.conv2d(x, w, padding=1)
-        y.float().sum().backward()
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(n, c, hw, hw, device=device).contiguous(memory_format=layout)
+        w = torch.randn(c, c, 3, 3, device=device).contiguous(memory_format=layout)
+        x.requires_grad_(), w.requires_grad_()
+        for _ in range(3 if quick else 10):
+            sync(device)
+            t0 = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                y = F.conv2d(x, w, padding=1)
+            y.float().sum().backward()
+            sync(device)
+            best = min(best, time.perf_counter() - t0)
     return flops / best
 
 
-def check_training(checks: Checks, args, device) -> None:
+def time_training(checks: Checks, args, device, kind: str, memory_format: str) -> float | None:
+    """One row: images/s of ``kind``'s training step in ``memory_format``; its s/step."""
     preset_name, shrink = "cifar10", (QUICK_MODEL if args.quick else None)
     batch = args.batch or (2 if args.quick else 128)
     steps = args.steps or (1 if args.quick else 10)
     warmup = 1 if args.quick else 3
-    results = {}
+    name = f"train {kind}" + ("" if memory_format == "contiguous" else f" {memory_format}")
+    with checks.run(name):
+        reset_peak(device)
+        step = TrainingStep(preset_name, kind, batch, device, shrink, memory_format)
+        losses = [step() for _ in range(warmup)]
+        sync(device)
+        t0 = time.perf_counter()
+        losses += [step() for _ in range(steps)]
+        sync(device)
+        seconds = (time.perf_counter() - t0) / steps
+        loss = float(losses[-1])  # the only read back: after the timed steps
+        flops = step.conv_flops()
+        mem = peak_gib(device)
+        ok = all(math.isfinite(float(v)) for v in losses)
+        hours = seconds * 500_000 / 3600
+        checks.add(
+            name,
+            "PASS" if ok else "FAIL",
+            f"{batch / seconds:.1f} img/s",
+            f"batch {batch} {'bf16' if step.bf16 else 'fp32'}, loss {loss:.4f}, "
+            f"{seconds * 1e3:.1f} ms/step, "
+            + (f"peak {mem:.2f} GiB, " if mem is not None else "")
+            + f"500k steps {hours:.1f} h",
+            images_per_s=batch / seconds,
+            s_per_step=seconds,
+            peak_gib=mem,
+            loss=loss,
+            projected_hours_500k=hours,
+            conv_flops_per_step=flops,
+            conv_flops_per_s=flops / seconds,
+            preset=preset_name,
+            model_overrides=shrink,
+            memory_format=memory_format,
+            bf16=step.bf16,
+        )
+        return seconds if ok else None
+    return None
+
+
+def check_training(checks: Checks, args, device) -> None:
+    """Training steps of both models in both memory formats; the targets (on the default
+    layout), and which layout is faster on this device."""
+    batch = args.batch or (2 if args.quick else 128)
+    results: dict[str, float] = {}
     for kind in ("spiking", "ann"):
-        with checks.run(f"train {kind}"):
-            reset_peak(device)
-            step = TrainingStep(preset_name, kind, batch, device, shrink)
-            losses = [step() for _ in range(warmup)]
-            sync(device)
-            t0 = time.perf_counter()
-            losses += [step() for _ in range(steps)]
-            sync(device)
-            seconds = (time.perf_counter() - t0) / steps
-            loss = float(losses[-1])  # the only read back: after the timed steps
-            flops = step.conv_flops()
-            mem = peak_gib(device)
-            results[kind] = seconds
-            ok = all(math.isfinite(float(v)) for v in losses)
-            hours = seconds * 500_000 / 3600
-            checks.add(
-                f"train {kind}",
-                "PASS" if ok else "FAIL",
-                f"{batch / seconds:.1f} img/s",
-                f"batch {batch} bf16, loss {loss:.4f}, {seconds * 1e3:.1f} ms/step, "
-                + (f"peak {mem:.2f} GiB, " if mem is not None else "")
-                + f"500k steps {hours:.1f} h",
-                images_per_s=batch / seconds,
-                s_per_step=seconds,
-                peak_gib=mem,
-                loss=loss,
-                projected_hours_500k=hours,
-                conv_flops_per_step=flops,
-                preset=preset_name,
-                model_overrides=shrink,
-            )
-            if kind == "spiking":
-                results["conv_flops_per_s"] = flops / seconds
+        for memory_format in ("contiguous", "channels_last"):
+            seconds = time_training(checks, args, device, kind, memory_format)
+            if seconds is not None:
+                results[kind if memory_format == "contiguous" else f"{kind} nhwc"] = seconds
+    if all(k in results for k in ("spiking", "spiking nhwc", "ann", "ann nhwc")):
+        gain = {k: results[k] / results[f"{k} nhwc"] for k in ("spiking", "ann")}
+        checks.add(
+            "channels-last speed-up",
+            "INFO",
+            f"spiking {gain['spiking']:.2f}x, ANN {gain['ann']:.2f}x",
+            "NCHW step time / NHWC step time (> 1: set train.memory_format=channels_last)",
+            speedup_spiking=gain["spiking"],
+            speedup_ann=gain["ann"],
+        )
+    spiking_row = next((r for r in checks.rows if r["check"] == "train spiking"), None)
+    if spiking_row is not None and "conv_flops_per_s" in spiking_row:
+        results["conv_flops_per_s"] = spiking_row["conv_flops_per_s"]
     if "spiking" not in results or "ann" not in results:
         return
     dense = dense_conv_flops_per_s(device, args.quick)

@@ -1,7 +1,7 @@
 """Training throughput: one optimiser update (forward + backward + clip + Adam + EMA) per preset.
 
-Times the update ``sddpm.training`` makes (the same library calls: ``training_loss``, gradient
-clipping, ``build_optimizer``, ``EMA``) on random images, for the spiking U-Net and its ANN twin.
+Times the update ``sddpm train`` makes (``Trainer.train_step``: the diffusion loss, gradient
+clipping, Adam, EMA) on random images, for the spiking U-Net and its ANN twin.
 After ``--warmup`` untimed updates, ``--repeats`` blocks of ``--steps`` updates are timed; the
 table reports the median block's seconds per update, images per second, and the process CPU
 seconds per update (robust to other processes sharing the cores). Each row is appended to
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import platform
 import statistics
 import time
@@ -29,11 +28,8 @@ from pathlib import Path
 import torch
 
 from sddpm.config import run_preset
-from sddpm.diffusion import draw_t_and_noise, training_loss
-from sddpm.models import build_model, count_parameters
-from sddpm.runtime import retain_freed_memory
-from sddpm.snn import set_neuron_kernel
-from sddpm.training import EMA, build_optimizer, trainable_parameters
+from sddpm.models import count_parameters
+from sddpm.training.loop import Trainer
 
 RESULTS = Path(__file__).with_name("results.jsonl")
 CPU_BATCH = {"digits": 64, "cifar10": 8, "mnist": 8, "fashion-mnist": 8, "celeba64": 4}
@@ -45,31 +41,27 @@ def _sync(device: torch.device) -> None:
 
 
 def bench(preset: str, kind: str, batch: int, device: torch.device, args) -> dict:
-    config = run_preset(preset, kind)
+    settings = {
+        "batch_size": batch,
+        "device": str(device),
+        "neuron_kernel": args.neuron_kernel,
+        "memory_format": args.memory_format,
+        "compile": bool(args.compile),
+        "bf16": not args.fp32,
+        "retain_cpu_memory": True,  # as sddpm train does on CPUs
+    }
+    config = run_preset(preset, kind).override(settings)
     unet = config.unet_config()
-    schedule = config.diffusion.build()
-    torch.manual_seed(0)
-    model = build_model(unet).to(device).train()
-    set_neuron_kernel(model, args.neuron_kernel)
-    optimizer, scheduler = build_optimizer(model, config.optim)
-    ema = EMA(model, config.optim.ema_decay)
-    params = trainable_parameters(model)
+    # the update sddpm train makes: Trainer.train_step, with its model, optimiser and EMA
+    trainer = Trainer.without_data(config, device)
+    model = trainer.model
     shape = (batch, unet.image_channels, unet.image_size, unet.image_size)
+    torch.manual_seed(0)
     x0 = torch.rand(shape, device=device) * 2 - 1
-    g = torch.Generator(device=device).manual_seed(0)
-    bf16 = device.type == "cuda" and config.train.bf16 and not args.fp32
-    net = torch.compile(model) if args.compile else model
+    bf16 = device.type == "cuda" and config.train.bf16
 
     def update() -> None:
-        t, noise = draw_t_and_noise(x0, schedule, g)
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            loss = training_loss(net, x0, schedule, t=t, noise=noise).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip or math.inf)
-        optimizer.step()
-        scheduler.step()
-        ema.update(model)
+        trainer.train_step(x0)
 
     for _ in range(args.warmup):
         update()
@@ -98,6 +90,7 @@ def bench(preset: str, kind: str, batch: int, device: torch.device, args) -> dic
         "bf16": bf16,
         "compile": bool(args.compile),
         "neuron_kernel": args.neuron_kernel,
+        "memory_format": args.memory_format,
         "warmup": args.warmup,
         "steps": args.steps,
         "repeats": args.repeats,
@@ -127,14 +120,15 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--neuron-kernel", default="auto", help="auto, eager, compiled or triton")
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
+    ap.add_argument(
+        "--memory-format", default="contiguous", help="contiguous (NCHW) or channels_last (NHWC)"
+    )
     ap.add_argument("--project-steps", type=int, default=500_000, help="the paper's 500k")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    if device.type == "cpu":
-        retain_freed_memory()  # as sddpm train does on CPUs
     rows = []
     for preset in args.presets.split(","):
         big = device.type == "cpu" and preset != "digits"

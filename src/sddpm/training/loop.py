@@ -262,15 +262,34 @@ class Trainer:
         self._window: list[float] = []  # losses since the last log row
         self._sample_model: nn.Module | None = None
 
+    @classmethod
+    def without_data(cls, config: RunConfig, device: str | torch.device) -> Trainer:
+        """A one-process trainer with its model, optimiser and EMA set up but no data set or
+        run directory: the caller feeds :meth:`train_step` its own images (the benchmarks time
+        the very update ``sddpm train`` makes). :attr:`last_loss` reads its latest loss."""
+        trainer = cls(config, Path(os.devnull), DistContext(device=torch.device(device)))
+        trainer._device_settings()
+        trainer._setup_model()
+        trainer._wrap()
+        return trainer
+
+    @property
+    def last_loss(self) -> torch.Tensor | None:
+        """The mean loss of the latest update not yet read back, on the device (no sync)."""
+        return self._pending[-1] if self._pending else None
+
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         """Data, model, optimiser and EMA: the same initial weights on every rank."""
+        self._device_settings()
+        self._setup_data()
+        self._setup_model()
+
+    def _device_settings(self) -> None:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv once
         elif self.tcfg.retain_cpu_memory:
             retain_freed_memory()  # no page faults for the large activations of every step
-        self._setup_data()
-        self._setup_model()
 
     def _make_dataset(self, download: bool):
         c = self.config
