@@ -17,6 +17,7 @@ from sddpm.training import (
     resumable_checkpoints,
     train,
 )
+from sddpm.training.loop import Trainer
 
 from .conftest import poison_loss
 
@@ -117,3 +118,34 @@ def test_sampling_reads_back_the_schedule_and_prediction_training_wrote(tmp_path
     setup = load_for_sampling(tmp_path / "run")
     assert setup.prediction == "v"
     assert setup.schedule.T == 200 and setup.model.config.diffusion_steps == 200
+
+
+def test_channels_last_training_follows_the_contiguous_run(tmp_path, tiny):
+    """train.memory_format=channels_last: NHWC weights while training, the same losses up to
+    conv summation order, and a checkpoint written contiguous that loads."""
+    nchw = train(tiny("total_steps=3"), tmp_path / "a", progress=False)
+    nhwc = train(
+        tiny("total_steps=3", "memory_format=channels_last"), tmp_path / "b", progress=False
+    )
+    conv_weights = [p for p in nhwc.model.parameters() if p.dim() == 4]
+    assert conv_weights and all(p.stride(1) == 1 for p in conv_weights)
+    assert nhwc.losses == pytest.approx(nchw.losses, rel=1e-3)
+    assert read_run_config(tmp_path / "b").train.memory_format == "channels_last"
+    saved = load_file(latest_checkpoint(tmp_path / "b") / "ema.safetensors")
+    assert all(t.is_contiguous() for t in saved.values())
+    _states_equal(saved, {k: v.cpu() for k, v in nhwc.ema.state_dict().items()})
+
+
+def test_a_trainer_without_data_trains_on_given_images(tiny):
+    """Trainer.without_data: the update sddpm train makes, fed by the caller (the benchmarks);
+    no data set is read (the configured folder does not exist)."""
+    config = tiny("dataset=folder", "data.root=/nonexistent/images")
+    trainer = Trainer.without_data(config, "cpu")
+    assert trainer.last_loss is None
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    x = torch.rand(8, *trainer.shape) * 2 - 1
+    trainer.train_step(x)
+    trainer.train_step(x)
+    assert trainer.step == 2 and trainer.last_loss.shape == () and 0 < trainer.last_loss < 10
+    changed = [k for k, v in trainer.model.state_dict().items() if not torch.equal(v, before[k])]
+    assert len(changed) > len(before) // 2
