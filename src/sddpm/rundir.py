@@ -184,8 +184,8 @@ def read_run_config(run_dir: str | os.PathLike) -> RunConfig:
     path = Path(run_dir) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(
-            f"{run_dir} is not a training run directory: {path.name} is missing "
-            "(start a run with `sddpm train --preset NAME --out DIR`)"
+            f"{run_dir} is not a training run directory: {path.name} is missing (start a run "
+            "with train(run_preset(NAME), DIR); CLI: `sddpm train --preset NAME --out DIR`)"
         )
     try:
         raw = json.loads(path.read_text())
@@ -525,5 +525,5 @@ def latest_resumable(run_dir: str | os.PathLike) -> Checkpoint | None:
         return ckpt
     raise ValueError(
         f"{run_dir}: every checkpoint is corrupt ({', '.join(c.name for c in found)}); "
-        "start afresh with `sddpm train --out DIR --force`"
+        "start afresh with train(config, NEW_DIR) (CLI: `sddpm train --out DIR --force`)"
     )

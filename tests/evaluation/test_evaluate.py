@@ -349,7 +349,7 @@ def test_parse_threshold_values():
     assert parse_threshold_values("1.0") == [1.0]
     for bad in ("", "a", "0.9:1", "1:0.9:0.01", "0.9:1:0", "0.9:1:-0.1", "1,,2", "nan",
                 "-1,1", "0:1:0.5", "1,1", "0.9:1:x", "0:1:0.000001"):  # fmt: skip
-        with pytest.raises(ValueError, match="--values"):
+        with pytest.raises(ValueError, match="^sweep values"):
             parse_threshold_values(bad)
 
 

@@ -276,7 +276,7 @@ def _sweep_command(
     try:
         parsed = parse_sweep_values(values, param)
     except ValueError as err:
-        fail(str(err))
+        fail(str(err).replace("sweep values", "--values", 1))  # the flag that gave them
         return
     features = "digits" if metric == "proxy-fid" else "inception"
     had = sweep_paths(out)["json"].is_file()

@@ -145,8 +145,9 @@ def check_moments(moments, schedule: NoiseSchedule, needed: Sequence[int]) -> to
         shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
         raise ValueError(
             f"moments are NaN at step(s) {shown} that this trajectory needs; estimate them at "
-            "these steps (estimate_eps_moments(..., timesteps=...) or `sddpm eps-moments` with "
-            "the same --steps and spacing as the sampler), or all steps"
+            "the sampler's steps and spacing (estimate_eps_moments(..., timesteps=timesteps("
+            "schedule, steps, spacing)); CLI: `sddpm eps-moments --steps N --spacing S`), or at "
+            "all steps"
         )
     return m
 

@@ -81,7 +81,8 @@ def _prepare(
         if kid_features is None:
             raise ValueError(
                 f"{kid_reference} holds no 'features' array for KID; make one with "
-                "`sddpm fid-stats --keep-features`"
+                "compute_fid_stats_for_dataset(..., keep_features=True) (CLI: "
+                "`sddpm fid-stats --keep-features`)"
             )
         kid_info = {"reference": str(kid_reference)}
     elif kid and kid_dataset is None:

@@ -168,7 +168,10 @@ def check_stats_file(path: str | os.PathLike, features: str) -> None:
         load_fid_stats(path, dim=FEATURE_DIMS[features])
     except ValueError as err:
         if "feature dimension mismatch" in str(err):
-            hint = f"; make matching ones with `sddpm fid-stats --features {features}`"
+            hint = (
+                f"; make matching ones with compute_fid_stats_for_dataset(name, "
+                f"FeatureNetwork.load({features!r})) (CLI: `sddpm fid-stats --features {features}`)"
+            )
             for name, d in FEATURE_DIMS.items():
                 if name != features and f"D={d} features" in str(err):
                     hint = f" ({name} statistics: score with the {name} network){hint}"

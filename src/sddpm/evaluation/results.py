@@ -198,8 +198,9 @@ def metrics_from_scores(
     out["kid"], out["kid_note"] = None, None
     if kid_features is None:
         out["kid_note"] = (
-            "no reference features: KID needs the features of real images (a stats file made "
-            "with them, `sddpm fid-stats --keep-features`, or a KID reference file or dataset)"
+            "no reference features: KID needs the features of real images: a KID reference "
+            "file or dataset, or a stats file made with keep_features=True (CLI: "
+            "`sddpm fid-stats --keep-features`)"
         )
     elif scores.features is None:
         out["kid_note"] = "the generated images' features were not kept"

@@ -77,7 +77,7 @@ def parse_sweep_values(text: str, param: str = "threshold") -> list[float]:
     0.995, 0.996, ..., 1.005 (no float drift dropping the end point or giving 0.9970000001).
     """
     text = (text or "").strip()
-    bad = f"--values must be 'start:stop:step' or a comma list of numbers, got {text!r}"
+    bad = f"sweep values must be 'start:stop:step' or a comma list of numbers, got {text!r}"
     try:
         if ":" in text:
             parts = [p.strip() for p in text.split(":")]
@@ -87,12 +87,12 @@ def parse_sweep_values(text: str, param: str = "threshold") -> list[float]:
             if not all(x.is_finite() for x in (a, b, step)):
                 raise ValueError(bad)
             if step <= 0:
-                raise ValueError(f"--values: the step must be > 0, got {parts[2]}")
+                raise ValueError(f"sweep values: the step must be > 0, got {parts[2]}")
             if b < a:
-                raise ValueError(f"--values: stop {parts[1]} is below start {parts[0]}")
+                raise ValueError(f"sweep values: stop {parts[1]} is below start {parts[0]}")
             n = int(((b - a) / step).to_integral_value(rounding=ROUND_FLOOR)) + 1
             if n > MAX_SWEEP_VALUES:
-                raise ValueError(f"--values {text!r} gives {n} values (at most {MAX_SWEEP_VALUES})")
+                raise ValueError(f"sweep values {text!r}: {n} values, at most {MAX_SWEEP_VALUES}")
             decimals = [a + i * step for i in range(n)]
         else:
             items = [p.strip() for p in text.split(",")]
@@ -108,10 +108,11 @@ def parse_sweep_values(text: str, param: str = "threshold") -> list[float]:
     for v in values:
         if v < low or (v == low and not inclusive):
             raise ValueError(
-                f"--values: every {param} must be {'>=' if inclusive else '>'} {low:g}, got {v:g}"
+                f"sweep values: every {param} must be {'>=' if inclusive else '>'} {low:g}, "
+                f"got {v:g}"
             )
     if len(set(values)) != len(values):
-        raise ValueError(f"--values {text!r} repeats a value")
+        raise ValueError(f"sweep values {text!r}: a value repeats")
     return values
 
 

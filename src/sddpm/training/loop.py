@@ -624,7 +624,7 @@ class Trainer:
                 raise CheckpointWriteError(
                     f"could not write the {what} of step {self.step} in {self.run_dir}: {error}. "
                     f"The last good checkpoint is {self.last_ckpt}; free space and continue "
-                    f"with `sddpm train --resume {self.run_dir}`"
+                    f"with train(..., resume=True) (CLI: `sddpm train --resume {self.run_dir}`)"
                 ) from error
             raise CheckpointWriteError(
                 f"rank 0 could not write the {what} of step {self.step}: this rank stops too "
