@@ -78,7 +78,7 @@ def test_only_the_grid_steps_and_a_dataset_flag(tmp_path, folder):
     assert result.exit_code != 0
     assert "--dataset NAME" in result.output and not out.exists()
     args = ["--checkpoint", model_dir, "--num", 3, "--steps", 4, "--dataset", "folder"]
-    result = invoke(*args, "--data-root", folder, "--out", out)
+    result = invoke(*args, "--data-dir", folder, "--out", out)
     assert result.exit_code == 0, result.output
     schedule = NoiseSchedule.from_dict(SCHEDULE)
     moments = load_moments(out)
@@ -89,6 +89,21 @@ def test_only_the_grid_steps_and_a_dataset_flag(tmp_path, folder):
     sample(model, x_T, "analytic-ddim", steps=4, moments=moments, schedule=schedule)
     with pytest.raises(ValueError, match="NaN at step"):
         sample(model, x_T, "analytic-ddim", steps=5, moments=moments, schedule=schedule)
+
+
+def test_the_data_folder_flag_is_data_dir_and_data_root_still_works(tmp_path, folder):
+    """--data-dir, as in train and fid-stats; --data-root, its older name, gives the same."""
+    model_dir = save_model(tmp_path / "model")
+    args = ["--checkpoint", model_dir, "--num", 3, "--steps", 2, "--dataset", "folder"]
+    outs = {}
+    for flag in ("--data-dir", "--data-root"):
+        outs[flag] = tmp_path / f"{flag.strip('-')}.safetensors"
+        result = invoke(*args, flag, folder, "--out", outs[flag])
+        assert result.exit_code == 0, (flag, result.output)
+    a, b = (load_moments(outs[flag]) for flag in ("--data-dir", "--data-root"))
+    torch.testing.assert_close(a, b, equal_nan=True)  # NaN off the 2-step grid
+    result = invoke("--checkpoint", model_dir, "--out", tmp_path / "m.safetensors")
+    assert result.exit_code != 0 and "(and --data-dir DIR)" in result.output
 
 
 def test_bad_flags_are_named(tmp_path, folder):

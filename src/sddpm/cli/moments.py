@@ -20,20 +20,20 @@ from ._app import (
 )
 
 
-def _data_settings(model_dir: Path, dataset: str | None, data_root: str | None) -> dict:
+def _data_settings(model_dir: Path, dataset: str | None, data_dir: str | None) -> dict:
     """The training data of the checkpoint's run (``run.config.data``), overridden by flags."""
     from ..models import read_config
 
     run = read_config(model_dir).get("run") or {}
     data = dict((run.get("config") or {}).get("data") or {})
     if dataset is not None:
-        data = {"dataset": dataset, "root": data_root}
-    elif data_root is not None:
-        data["root"] = data_root
+        data = {"dataset": dataset, "root": data_dir}
+    elif data_dir is not None:
+        data["root"] = data_dir
     if not data.get("dataset"):
         fail(
             f"{model_dir} records no training dataset (a converted model?): pass --dataset NAME "
-            "(and --data-root DIR) with the images it was trained on"
+            "(and --data-dir DIR) with the images it was trained on"
         )
     return data
 
@@ -55,7 +55,9 @@ def eps_moments_command(
     dataset: str | None = typer.Option(
         None, "--dataset", help="Dataset name (default: the run's training dataset)."
     ),
-    data_root: str | None = typer.Option(None, "--data-root", help="Its data folder."),
+    data_dir: str | None = typer.Option(
+        None, "--data-dir", "--data-root", help="Its data folder (--data-root: the older name)."
+    ),
     repeats: int = typer.Option(1, "--repeats", help="Noise draws per image and step."),
     seed: int = SEED_OPTION,
     batch_size: int = BATCH_SIZE_OPTION,
@@ -86,7 +88,7 @@ def eps_moments_command(
         model_dir = setup.directory  # resolved (and verified) once, by load_for_sampling
         cfg, schedule = setup.model.config, setup.schedule
         grid = None if steps is None else timesteps(schedule, steps, spacing)
-        data = _data_settings(model_dir, dataset, data_root)
+        data = _data_settings(model_dir, dataset, data_dir)
         images_set = build_dataset(
             data["dataset"],
             root=data.get("root"),
