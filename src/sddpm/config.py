@@ -135,7 +135,7 @@ class TrainSettings:
     compile: bool = False  # torch.compile the model
     neuron_kernel: str = "auto"  # neuron step loops: "auto", "eager", "compiled" or "triton"
     # the layout the model computes in: "contiguous" (NCHW) or "channels_last" (NHWC; see
-    # sddpm.models.set_memory_format). On this project's CPUs NCHW is faster (benchmarks/)
+    # sddpm.models.set_memory_format). Within a few % on CPUs; on GPUs gpu_check.py measures it
     memory_format: str = "contiguous"
     retain_cpu_memory: bool = True  # CPU: malloc keeps freed memory (sddpm.runtime)
     bf16: bool = True  # bfloat16 autocast, on CUDA only (ignored on the CPU)
