@@ -35,7 +35,7 @@ def test_run_directory_layout(tmp_path, tiny):
     ckpt = latest_checkpoint(run)
     assert find_model_dir(run) == ckpt == result.checkpoint
     state = load_training_state(ckpt)  # weights_only=True
-    assert state["step"] == 5 and state["data"]["offset"] == 5 * 8
+    assert state["step"] == 5 and state["data"]["position"] == 5 * 8
     assert {"optimizer", "scheduler", "rng"} <= set(state)
     model_cfg = json.loads((ckpt / "config.json").read_text())
     assert model_cfg["diffusion"] == {
