@@ -1,5 +1,9 @@
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from sddpm.config import RunConfig, run_preset
 
@@ -41,6 +45,17 @@ def tiny_config(*overrides: str) -> RunConfig:
 @pytest.fixture()
 def tiny():
     return tiny_config
+
+
+def small_folder(root: Path, n: int = 13) -> list[str]:
+    """``n`` random 8x8 grayscale PNGs in ``root``; returns the overrides that train the tiny
+    config on them with random flips. 13 images: not a multiple of 2 or of the batch of 8, so
+    epochs end inside batches and a per-rank padded order would differ from the global one."""
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(root / f"{i:02d}.png")
+    return ["data.dataset=folder", f"data.root={root}", "data.hflip=true"]
 
 
 def poison_loss(monkeypatch, call: int, factor: float) -> None:

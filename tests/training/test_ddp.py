@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
-from sddpm.training import latest_checkpoint, resumable_checkpoints, train
+from sddpm.training import latest_checkpoint, load_training_state, resumable_checkpoints, train
+
+from .conftest import small_folder
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
@@ -82,6 +84,57 @@ def test_two_gloo_ranks_match_one_process(tmp_path, tiny):
         ddp_config.override(["grad_accum=1", "total_steps=1"]), tmp_path / "w", progress=False
     )
     assert whole.losses[0] != r0["losses"][0]  # BatchNorm over 8 images, not 2 x 4
+
+
+def _trainable(state: dict) -> dict:
+    """The entries that do not depend on how the micro-batches were spread over processes
+    (BatchNorm's running statistics follow each rank's own micro-batches)."""
+    return {k: v for k, v in state.items() if "running_" not in k and "num_batches" not in k}
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    a, b = _trainable(a), _trainable(b)
+    assert a.keys() == b.keys()
+    for name, value in a.items():
+        assert torch.equal(value, b[name]), name
+
+
+def _layout_configs(tmp_path, tiny):
+    """13 flipped images (epochs end inside batches, not a multiple of 2), batch 8, 6 steps:
+    the 1-process config (2 micro-batches) and the 2-rank one (1 micro-batch each), which read
+    the same images into the same micro-batches; and the uninterrupted 1-process run."""
+    one = tiny(*small_folder(tmp_path / "images"), "total_steps=6", "grad_accum=2")
+    straight = train(one, tmp_path / "straight", progress=False)
+    return one, one.override(["grad_accum=1"]), straight
+
+
+def test_a_one_process_run_resumes_on_two_gloo_ranks(tmp_path, tiny):
+    """Trained 3 steps on 1 process x 2 micro-batches, resumed on 2 ranks: the same losses and
+    weights as the uninterrupted 1-process run (the data position is global; the resumed
+    steps cross two epoch ends, one inside step 4's batch)."""
+    one, two, straight = _layout_configs(tmp_path, tiny)
+    first = train(one.override(["total_steps=3"]), tmp_path / "run", progress=False)
+    assert first.losses == straight.losses[:3]
+    out = _torchrun(tmp_path, two, "resume", run="run", out="resumed")
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for result in ranks:
+        assert result["world_size"] == 2 and result["losses"] == straight.losses[3:]
+        _assert_same(result["state"], straight.model.state_dict())
+        _assert_same(result["ema"], straight.ema.state_dict())
+    state = load_training_state(latest_checkpoint(tmp_path / "run"))
+    assert state["world_size"] == 2 and state["data"]["position"] == 6 * 8
+
+
+def test_a_two_rank_run_resumes_on_one_process(tmp_path, tiny):
+    """The reverse: 3 steps on 2 ranks, resumed on 1 process x 2 micro-batches."""
+    one, two, straight = _layout_configs(tmp_path, tiny)
+    out = _torchrun(tmp_path, two.override(["total_steps=3"]), run="run")
+    assert torch.load(out / "rank0.pt", weights_only=True)["losses"] == straight.losses[:3]
+    assert load_training_state(latest_checkpoint(tmp_path / "run"))["data"]["position"] == 24
+    resumed = train(one, tmp_path / "run", resume=True, progress=False)
+    assert resumed.start_step == 3 and resumed.losses == straight.losses[3:]
+    _assert_same(resumed.model.state_dict(), straight.model.state_dict())
+    _assert_same(resumed.ema.state_dict(), straight.ema.state_dict())
 
 
 def test_a_failed_checkpoint_write_on_rank0_stops_every_rank(tmp_path, tiny):

@@ -19,7 +19,7 @@ from sddpm.training import (
 )
 from sddpm.training.loop import Trainer
 
-from .conftest import poison_loss
+from .conftest import poison_loss, small_folder
 
 
 def test_run_directory_layout(tmp_path, tiny):
@@ -35,7 +35,7 @@ def test_run_directory_layout(tmp_path, tiny):
     ckpt = latest_checkpoint(run)
     assert find_model_dir(run) == ckpt == result.checkpoint
     state = load_training_state(ckpt)  # weights_only=True
-    assert state["step"] == 5 and state["data"]["offset"] == 5 * 8
+    assert state["step"] == 5 and state["data"]["position"] == 5 * 8
     assert {"optimizer", "scheduler", "rng"} <= set(state)
     model_cfg = json.loads((ckpt / "config.json").read_text())
     assert model_cfg["diffusion"] == {
@@ -82,6 +82,34 @@ def test_resume_is_bit_identical(tmp_path, tiny):
         _states_equal(s, b["optimizer"]["state"][i])
     assert a["scheduler"] == b["scheduler"] and a["data"] == b["data"]
     assert [r["step"] for r in read_metrics(tmp_path / "b" / "metrics.csv")] == list(range(1, 7))
+
+
+def test_a_checkpoint_with_a_version_1_data_position_resumes(tmp_path, tiny, monkeypatch):
+    """Checkpoints written before the global data stream hold the sampler's per-rank
+    (epoch, offset, world_size) position; one process resumes it exactly (13 images, batch 8:
+    the saved position, entry 24, is in epoch 1, and the resumed steps cross two more epoch
+    ends)."""
+    from sddpm.data import ShardedInfiniteSampler
+
+    config = tiny(*small_folder(tmp_path / "images"), "total_steps=6")
+    straight = train(config, tmp_path / "a", progress=False)
+
+    def version_1(self):  # what the sampler saved before (one process: no padding)
+        epoch, offset = divmod(self.position, self.num_items)
+        return {"epoch": epoch, "offset": offset, "seed": self.seed, "world_size": 1,
+                "num_items": self.num_items, "shuffle": True, "drop_last": False}  # fmt: skip
+
+    with monkeypatch.context() as m:
+        m.setattr(ShardedInfiniteSampler, "state_dict", version_1)
+        first = train(config.override(["total_steps=3"]), tmp_path / "b", progress=False)
+    saved = load_training_state(latest_checkpoint(tmp_path / "b"))["data"]
+    assert (saved["epoch"], saved["offset"]) == (1, 11) and "position" not in saved
+    assert first.losses == straight.losses[:3]
+    resumed = train(config, tmp_path / "b", resume=True, progress=False)
+    assert resumed.losses == straight.losses[3:]
+    _states_equal(resumed.model.state_dict(), straight.model.state_dict())
+    _states_equal(resumed.ema.state_dict(), straight.ema.state_dict())
+    assert load_training_state(latest_checkpoint(tmp_path / "b"))["data"]["position"] == 6 * 8
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny, monkeypatch):

@@ -8,7 +8,8 @@
   :func:`check_num_classes` checks a model's class count against the data (CelebA has none).
 - :func:`download` fetches MNIST, Fashion-MNIST and CIFAR-10 with checksum checks.
 - :class:`ShardedInfiniteSampler` and :class:`BatchIterator` feed the training loop an endless,
-  DDP-sharded, exactly resumable stream of batches ``[B, C, H, W]``.
+  DDP-sharded stream of batches ``[B, C, H, W]``: one global order of epoch permutations,
+  each rank taking every ``world_size``-th entry, exactly resumable on any number of ranks.
 
 Random horizontal flips depend only on ``(seed, epoch, index)`` (:func:`flip_decision`).
 """

@@ -1,17 +1,26 @@
 """An infinite, resumable, DDP-sharded index stream and a batch iterator over it.
 
-Training runs count steps, not epochs, so the sampler is an endless stream of epochs. Epoch
-``e`` is a permutation of ``range(num_items)`` drawn from ``(seed, e)`` alone; rank ``r`` of
-``world_size`` takes every ``world_size``-th entry starting at ``r`` (after the permutation is
-trimmed or padded to a multiple of ``world_size``), so within an epoch the ranks' indices are
-disjoint and together cover the dataset. Every rank gets the same number of indices per epoch,
-so the position ``(epoch, offset)`` is the same on every rank and one rank's
-:meth:`~ShardedInfiniteSampler.state_dict` resumes them all exactly.
+Training runs count steps, not epochs, so the data order is one endless **global stream**:
+the concatenation of epoch permutations, epoch ``e``'s a permutation of ``range(num_items)``
+drawn from ``(seed, e)`` alone, with no padding or trimming (stream entry ``n`` is image
+``permutation(n // num_items)[n % num_items]`` of epoch ``n // num_items``). Every image
+appears exactly once per epoch of the stream, and epoch boundaries fall wherever they fall,
+also inside a batch.
+
+The stream is consumed ``B`` entries at a time (a global batch), whatever the process layout:
+from a global position ``P``, rank ``r`` of ``world_size`` ``W`` takes the entries
+``P + r, P + r + W, P + r + 2W, ...``, so row ``i`` of its batch of ``B / W`` is the image at
+global position ``i W + r`` of the global batch (the layout
+:func:`sddpm.training.loop.rank_batch_positions` gives). The images of a global batch, and
+the epoch (hence the flip) of each, therefore depend on ``(seed, P)`` alone: a run on ``W``
+processes reads what one process reads.
+
+The sampler's state is that global position (stream entries consumed, the same on every
+rank), so a run resumes exactly on any number of processes.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +28,9 @@ import numpy as np
 import torch
 
 from .datasets import ImageDataset
+
+STATE_VERSION = 2  # the global position; version 1 (no "version" key) was per-rank
+_CHUNK = 1024  # stream entries computed at once by stream() and iteration
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -28,21 +40,24 @@ def _dist_rank_world() -> tuple[int, int]:
 
 
 class ShardedInfiniteSampler:
-    """Endless indices for one rank, epoch after epoch, resumable at any item.
+    """One rank's share of the endless global stream (see the module docstring), resumable at
+    any entry on any number of processes.
 
     Args:
         num_items: dataset length.
         seed: permutation seed; epoch ``e``'s order depends only on ``(seed, e)``.
-        rank, world_size: this process's shard (default: from ``torch.distributed`` if it is
-            initialised, else 0 and 1).
+        rank, world_size: this process's share (default: from ``torch.distributed`` if it is
+            initialised, else 0 and 1): entries ``position + rank + k world_size``.
         shuffle: permute each epoch (else ``0, 1, 2, ...``).
-        drop_last: trim each epoch's permutation to a multiple of ``world_size`` (the dropped
-            tail differs per epoch when shuffling), keeping ranks disjoint; otherwise pad it by
-            wrapping around, so every item is seen each epoch and ``pad`` items twice.
+        drop_last: accepted for compatibility, only ``False``. The stream is not cut into
+            per-rank epochs any more (nothing is padded, so nothing is dropped); ``True``
+            raises ``ValueError``. The trainer never set it.
 
-    ``samples_per_epoch`` indices are yielded per rank per epoch. Iterating yields ``int``
-    indices and advances the position; :meth:`stream` yields ``(index, epoch)`` pairs from a
-    position without changing it.
+    :attr:`position` counts the global stream entries consumed; every rank holds the same
+    value when all have taken the same number of items, and :meth:`advance` (``n`` items of
+    this rank) moves it by ``n * world_size``. Iterating yields ``int`` indices and advances;
+    :meth:`stream` yields ``(index, epoch)`` pairs from a position without moving;
+    :meth:`take` returns the next ``n`` pairs and advances.
     """
 
     def __init__(
@@ -64,122 +79,175 @@ class ShardedInfiniteSampler:
             raise ValueError(
                 f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}"
             )
-        if drop_last and num_items < world_size:
+        if drop_last:
             raise ValueError(
-                f"drop_last with {num_items} items and world_size {world_size} leaves nothing"
+                "drop_last=True is not supported: the ranks share one global stream of whole "
+                "epoch permutations (rank r takes every world_size-th entry), so nothing is "
+                "padded and there is nothing to drop"
             )
         self.num_items = int(num_items)
         self.seed = int(seed)
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.shuffle = bool(shuffle)
-        self.drop_last = bool(drop_last)
-        if self.drop_last:
-            self.samples_per_epoch = self.num_items // self.world_size
-        else:
-            self.samples_per_epoch = -(-self.num_items // self.world_size)
-        self.epoch = 0
-        self.offset = 0
-        self._cache: tuple[int, np.ndarray] | None = None
+        self.drop_last = False
+        self.position = 0
+        self._cache: dict[int, np.ndarray] = {}
 
     # -- the order ------------------------------------------------------------------------------
 
     def permutation(self, epoch: int) -> np.ndarray:
-        """The whole epoch's order (all ranks), before trimming or padding."""
+        """Epoch ``epoch``'s order of the whole dataset: stream entries
+        ``epoch * num_items`` to ``(epoch + 1) * num_items - 1``."""
+        epoch = int(epoch)
+        cached = self._cache.get(epoch)
+        if cached is not None:
+            return cached
         if not self.shuffle:
-            return np.arange(self.num_items, dtype=np.int64)
-        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, int(epoch)])))
-        return rng.permutation(self.num_items).astype(np.int64)
+            perm = np.arange(self.num_items, dtype=np.int64)
+        else:
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, epoch])))
+            perm = rng.permutation(self.num_items).astype(np.int64)
+        perm.flags.writeable = False  # cached and shared
+        if len(self._cache) >= 2:  # a batch spans at most a few epochs: keep the latest two
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[epoch] = perm
+        return perm
 
-    def epoch_indices(self, epoch: int) -> np.ndarray:
-        """This rank's ``samples_per_epoch`` indices for ``epoch``, in order."""
-        if self._cache is not None and self._cache[0] == epoch:
-            return self._cache[1]
-        perm = self.permutation(epoch)
-        total = self.samples_per_epoch * self.world_size
-        perm = perm[:total] if self.drop_last else np.resize(perm, total)  # resize wraps around
-        mine = perm[self.rank :: self.world_size]
-        self._cache = (epoch, mine)
-        return mine
+    def entries(self, start: int, count: int, step: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Global stream entries ``start, start + step, ...`` (``count`` of them): their image
+        indices and their epochs, two int64 arrays (slices of the epoch permutations)."""
+        if start < 0 or count < 0 or step < 1:
+            raise ValueError(
+                f"need start >= 0, count >= 0, step >= 1; got {start}, {count}, {step}"
+            )
+        n = int(start) + np.arange(int(count), dtype=np.int64) * int(step)
+        epochs = n // self.num_items
+        indices = np.empty_like(n)
+        if count:
+            first, last = int(epochs[0]), int(epochs[-1])
+            bounds = np.searchsorted(epochs, np.arange(first, last + 2))
+            for e in range(first, last + 1):
+                a, b = bounds[e - first], bounds[e - first + 1]
+                if a < b:
+                    indices[a:b] = self.permutation(e)[n[a:b] - e * self.num_items]
+        return indices, epochs
 
     # -- position -------------------------------------------------------------------------------
 
     @property
-    def position(self) -> int:
-        """Items this rank has consumed since epoch 0: ``epoch * samples_per_epoch + offset``."""
-        return self.epoch * self.samples_per_epoch + self.offset
+    def epoch(self) -> int:
+        """The epoch of the global stream at :attr:`position` (of the next global batch)."""
+        return self.position // self.num_items
 
-    def set_position(self, epoch: int, offset: int = 0) -> None:
-        """Move to item ``offset`` of ``epoch`` (normalised so ``offset < samples_per_epoch``)."""
-        if epoch < 0 or offset < 0:
-            raise ValueError(f"position must be non-negative, got epoch={epoch}, offset={offset}")
-        total = int(epoch) * self.samples_per_epoch + int(offset)
-        self.epoch, self.offset = divmod(total, self.samples_per_epoch)
+    def set_position(self, position: int) -> None:
+        """Move to global stream entry ``position`` (entries consumed by all ranks together)."""
+        if position < 0:
+            raise ValueError(f"position must be non-negative, got {position}")
+        self.position = int(position)
 
     def set_epoch(self, epoch: int) -> None:
-        """Start ``epoch`` from its first item (``torch`` ``DistributedSampler`` habit)."""
-        self.set_position(epoch, 0)
+        """Start ``epoch`` from its first entry (``torch`` ``DistributedSampler`` habit)."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be non-negative, got {epoch}")
+        self.set_position(int(epoch) * self.num_items)
 
     def advance(self, n: int) -> None:
-        """Skip ``n`` items (what a consumer calls after using them)."""
-        self.set_position(self.epoch, self.offset + int(n))
+        """Skip ``n`` items of every rank (what a consumer calls after using them): the global
+        position moves by ``n * world_size``."""
+        self.set_position(self.position + int(n) * self.world_size)
 
     def state_dict(self) -> dict[str, Any]:
-        """The position and the settings that define the order (the same on every rank)."""
+        """The global position and the settings that define the order (the same on every rank,
+        and independent of the world size)."""
         return {
-            "epoch": self.epoch,
-            "offset": self.offset,
+            "version": STATE_VERSION,
+            "position": self.position,
             "seed": self.seed,
             "num_items": self.num_items,
-            "world_size": self.world_size,
             "shuffle": self.shuffle,
-            "drop_last": self.drop_last,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume at ``state``'s position. The order settings must match this sampler's: a
-        different seed, dataset length, world size, shuffle or drop_last would not continue the
-        same sequence, so it raises ``ValueError``."""
-        for key in ("seed", "num_items", "world_size", "shuffle", "drop_last"):
+        """Resume at ``state``'s position, on any world size. The order settings must match
+        this sampler's: a different seed, dataset length or shuffle would not continue the same
+        stream, so it raises ``ValueError``.
+
+        Also takes the per-rank state of version 1 (``epoch``, ``offset``, ``world_size``,
+        ``drop_last``; see :func:`position_of_v1_state`)."""
+        for key in ("seed", "num_items", "shuffle"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(
                     f"sampler state has {key}={state[key]!r} but this sampler has "
                     f"{key}={getattr(self, key)!r}; the resumed order would differ"
                 )
-        self.set_position(int(state["epoch"]), int(state["offset"]))
+        if "position" in state:
+            self.set_position(int(state["position"]))
+        elif "epoch" in state and "offset" in state:
+            self.set_position(position_of_v1_state(state, self.num_items))
+        else:
+            raise ValueError(f"not a sampler state (no position): keys {sorted(state)}")
 
     # -- iteration ------------------------------------------------------------------------------
 
-    def stream(
-        self, epoch: int | None = None, offset: int | None = None
-    ) -> Iterator[tuple[int, int]]:
-        """Endless ``(index, epoch)`` pairs from a position (default: the current one); does not
-        move the sampler."""
-        e = self.epoch if epoch is None else int(epoch)
-        o = self.offset if offset is None else int(offset)
-        e, o = divmod(e * self.samples_per_epoch + o, self.samples_per_epoch)
+    def stream(self, position: int | None = None) -> Iterator[tuple[int, int]]:
+        """Endless ``(index, epoch)`` pairs of this rank from global position ``position``
+        (default: the current one); does not move the sampler."""
+        n = self.position if position is None else int(position)
+        n += self.rank
         while True:
-            idx = self.epoch_indices(e)
-            for i in range(o, len(idx)):
-                yield int(idx[i]), e
-            e, o = e + 1, 0
+            indices, epochs = self.entries(n, _CHUNK, self.world_size)
+            yield from zip(indices.tolist(), epochs.tolist(), strict=True)
+            n += _CHUNK * self.world_size
 
     def __iter__(self) -> Iterator[int]:
         """Endless indices from the current position, advancing it one by one."""
         while True:
-            idx = self.epoch_indices(self.epoch)
-            while self.offset < len(idx):
-                i = int(idx[self.offset])
-                self.advance(1)
-                yield i
-                if self.offset == 0:  # advance() rolled into the next epoch
+            pos = self.position
+            indices, _ = self.entries(pos + self.rank, _CHUNK, self.world_size)
+            for i in indices.tolist():
+                if self.position != pos:  # moved from outside (load_state_dict): start again
                     break
+                pos += self.world_size
+                self.position = pos
+                yield i
 
     def take(self, n: int) -> list[tuple[int, int]]:
-        """The next ``n`` ``(index, epoch)`` pairs, advancing the position by ``n``."""
-        out = list(itertools.islice(self.stream(), n))
+        """The next ``n`` ``(index, epoch)`` pairs of this rank, advancing the position."""
+        indices, epochs = self.entries(self.position + self.rank, n, self.world_size)
         self.advance(n)
-        return out
+        return list(zip(indices.tolist(), epochs.tolist(), strict=True))
+
+
+def position_of_v1_state(state: dict[str, Any], num_items: int) -> int:
+    """The global position that continues a version-1 (per-rank) sampler state.
+
+    Version 1 cut each epoch's permutation to ``spe * W`` entries (padded by wrapping around,
+    or trimmed with ``drop_last``; ``spe`` = ``ceil(N / W)`` or ``N // W``, ``W`` the state's
+    world size) and gave rank ``r`` every ``W``-th; its position ``(epoch e, offset o)`` was per
+    rank. Since ``o < spe``, ``o W < N``: the ranks had consumed every epoch before ``e`` and
+    exactly the first ``o W`` entries of epoch ``e``'s permutation, so the position is
+    ``e N + o W``. From there rank ``r`` (of ``W``) gets ``perm_e[o W + r + k W]``, exactly what
+    version 1 would have given, to the end of epoch ``e``. When ``W`` divides ``N`` (no padding,
+    always so for one process) that holds for every later epoch too: the conversion is exact.
+    Otherwise version 1 would have padded each epoch and started the next one on rank 0 again;
+    the global stream does not, so from epoch ``e + 1`` on the ranks' shares differ from what
+    version 1 would have read (every image still once per epoch, flips still by its epoch).
+    Resuming on a different world size continues the global stream from that position."""
+    world = int(state.get("world_size", 1))
+    if world < 1:
+        raise ValueError(f"sampler state has world_size={world}")
+    if state.get("drop_last", False):
+        per_epoch = num_items // world
+    else:
+        per_epoch = -(-num_items // world)
+    if per_epoch < 1:
+        raise ValueError(f"sampler state has drop_last with {num_items} items and {world} ranks")
+    epoch, offset = int(state["epoch"]), int(state["offset"])
+    if epoch < 0 or offset < 0:
+        raise ValueError(f"sampler state has epoch={epoch}, offset={offset}")
+    epoch, offset = divmod(epoch * per_epoch + offset, per_epoch)
+    return epoch * num_items + offset * world
 
 
 class _BatchStream(torch.utils.data.Sampler):
@@ -187,11 +255,11 @@ class _BatchStream(torch.utils.data.Sampler):
 
     def __init__(self, sampler: ShardedInfiniteSampler, batch_size: int, epoch_keys: bool) -> None:
         self.sampler, self.batch_size, self.epoch_keys = sampler, batch_size, epoch_keys
-        self.start = (sampler.epoch, sampler.offset)
+        self.start = sampler.position
 
     def __iter__(self):
         batch: list = []
-        for index, epoch in self.sampler.stream(*self.start):
+        for index, epoch in self.sampler.stream(self.start):
             batch.append((index, epoch) if self.epoch_keys else index)
             if len(batch) == self.batch_size:
                 yield batch
@@ -203,9 +271,11 @@ class BatchIterator:
     dataset whose items are ``(image, label)`` pairs (:meth:`ImageDataset.with_labels`), batches
     are ``(images [B, C, H, W], labels [B] int64)``.
 
-    Each item is fetched as ``dataset[(index, epoch)]`` for :class:`ImageDataset` (so flips are
-    decided by ``(seed, epoch, index)`` in any worker), else ``dataset[index]``. Batches run
-    across epoch boundaries; every batch is full.
+    Each item is fetched as ``dataset[(index, epoch)]`` for :class:`ImageDataset`, ``epoch``
+    being the epoch of its global stream entry (so flips are decided by ``(seed, epoch,
+    index)`` in any worker and whatever the world size), else ``dataset[index]``. Batches run
+    across epoch boundaries; every batch is full. ``batch_size`` is this rank's share of the
+    global batch (``B / world_size``): row ``i`` is global position ``i world_size + rank``.
 
     With ``num_workers=0`` items are read in this process. With ``num_workers > 0`` a
     ``torch.utils.data.DataLoader`` reads them in worker processes, in the same order.
@@ -277,7 +347,7 @@ class BatchIterator:
 
     @property
     def epoch(self) -> int:
-        """The epoch of the next item."""
+        """The epoch of the global stream at the next batch's first entry."""
         return self.sampler.epoch
 
     def state_dict(self) -> dict[str, Any]:

@@ -6,10 +6,19 @@ over ``W`` processes and ``A = train.grad_accum`` micro-batches of ``m = B / (W 
 **Randomness is a function of (seed, step), not of the process layout.** Every rank draws the
 diffusion steps ``t`` and noise of the *whole* global batch from a generator seeded by
 ``(seed, step)`` and uses the rows of its own images: rank ``r``'s micro-batch ``k`` holds the
-images at global positions ``(k + j A) W + r`` (``j < m``). Together with the data sampler
-(rank ``r`` takes every ``W``-th image of each epoch's permutation), a run on ``W`` processes
-computes the same per-image losses as one process with ``A W`` micro-batches; resuming needs
-no RNG state and is bit-identical on the CPU.
+images at global positions ``(k + j A) W + r`` (``j < m``).
+
+**So is the data order.** The images are one endless global stream, the concatenation of the
+epoch permutations drawn from ``(seed, epoch)`` (:class:`~sddpm.data.ShardedInfiniteSampler`),
+consumed ``B`` entries per step: global position ``g`` of a step's batch is stream entry
+``P + g``, ``P`` the stream position at that step (``step * B`` for a run started with this
+scheme), and rank ``r``'s batch row ``i`` is global position ``i W + r``
+(:func:`rank_batch_positions`; micro-batch ``k`` is ``x[k::A]``). Each image's flip follows the
+epoch of its stream entry. A run on ``W`` processes therefore computes the same per-image
+losses as one process with ``A W`` micro-batches (the same images in each micro-batch, so the
+same BatchNorm statistics too); resuming needs no RNG state, is bit-identical on the CPU, and
+works on any number of processes (the checkpoint holds the global stream position; see
+:meth:`Trainer._restore_checkpoint` for checkpoints that hold the older per-rank one).
 
 **Class-conditional models** (``num_classes = N > 0``) train on the dataset's labels (its
 class count checked against ``N`` before the first step), each replaced by the null class ``N``
@@ -431,6 +440,12 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         _apply_optim_settings(self.optimizer, self.scheduler, self.config)
+        # The data position is global (sampler state version 2): any world size resumes it.
+        # Checkpoints written before hold a per-rank (epoch, offset, world_size) position; it
+        # is converted to the global one (sddpm.data.sampler.position_of_v1_state), exactly
+        # when their world size divided the dataset length (always so for one process);
+        # otherwise the order is the old one to the end of the current epoch, then the
+        # unpadded global stream.
         self.batches.load_state_dict(state["data"])
         self.step = self.start_step = ckpt.step
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
