@@ -444,7 +444,8 @@ def find_model_dir(path: str | os.PathLike) -> Path:
         raise FileNotFoundError(
             f"{path} holds no checkpoint: expected a model directory (config.json + "
             f"model.safetensors) or a run directory with {CHECKPOINTS_DIR}/{STEP_PREFIX}*/ "
-            "(train one with `sddpm train`, or convert a published one with `sddpm convert`)"
+            "(train one with train(config, DIR), or convert a published one with from_published + "
+            "save_pretrained; CLI: `sddpm train`, `sddpm convert`)"
         )
     found = _newest_good(ckpts, _verified_dir)
     if found is not None:

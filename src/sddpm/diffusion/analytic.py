@@ -245,7 +245,10 @@ def load_moments(path: str | os.PathLike, schedule: NoiseSchedule | None = None)
     ``FileNotFoundError`` or ``ValueError`` naming the file and the problem."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such moments file (write one with sddpm eps-moments)")
+        raise FileNotFoundError(
+            f"{path}: no such moments file (write one with estimate_eps_moments + save_moments; "
+            "CLI: `sddpm eps-moments`)"
+        )
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}

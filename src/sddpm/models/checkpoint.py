@@ -76,7 +76,7 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(
             f"{directory} is not an sddpm model directory: {path.name} is missing "
-            "(make one with `sddpm convert` or `sddpm train`)"
+            "(make one with save_pretrained; CLI: `sddpm convert` or `sddpm train`)"
         )
     config = json.loads(path.read_text())
     if config.get("format") != FORMAT:
