@@ -24,7 +24,7 @@ from .diffusion import (
     sample,
 )
 from .finite import check_finite, check_finite_weights
-from .models import fold_batchnorm
+from .models import fold_batchnorm, memory_format_name, set_memory_format
 from .models.labels import check_labels, num_classes_of
 from .models.unet import UNet
 from .rundir import load_model
@@ -112,9 +112,9 @@ def generate_batches(
     (:func:`sddpm.snn.set_neuron_kernel`, or ``load_for_sampling(neuron_kernel=...)``).
 
     With ``fold_bn`` a U-Net samples through one copy with BatchNorm folded into its convs
-    (:func:`sddpm.models.fold_batchnorm`), made once: the same function, fewer passes over
-    memory. Pass ``fold_bn=False`` to sample with ``model`` itself (e.g. one already folded
-    and carrying measurement hooks).
+    (:func:`sddpm.models.fold_batchnorm`), made once and laid out in ``memory_format``: the
+    same function, fewer passes over memory. Pass ``fold_bn=False`` to sample with ``model``
+    itself (e.g. one already folded and carrying measurement hooks).
 
     A class-conditional model samples image ``i`` with class ``labels[i % len(labels)]``
     (``options.labels``; without them, ``i mod num_classes``: see :func:`class_options`) and
@@ -131,7 +131,14 @@ def generate_batches(
     idx = list(range(indices)) if isinstance(indices, int) else [int(i) for i in indices]
     check_finite_weights(model)
     if fold_bn and isinstance(model, UNet):
-        model = fold_batchnorm(model.eval())
+        model = set_memory_format(fold_batchnorm(model.eval()), opts.memory_format)  # the copy
+    elif isinstance(model, UNet) and memory_format_name(model) != opts.memory_format:
+        raise OptionError(
+            "memory_format",
+            f"the model computes in {memory_format_name(model)} and fold_bn=False samples with "
+            f"it as it is: lay it out first (set_memory_format(model, {opts.memory_format!r})) "
+            "or sample with fold_bn=True",
+        )
     if opts.compile:
         model = torch.compile(model)
     device = torch.device(opts.device)

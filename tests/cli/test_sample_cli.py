@@ -107,8 +107,9 @@ def test_run_directory_without_checkpoint(tmp_path):
 
 
 def test_speed_options_keep_the_images(model_dir, tmp_path):
-    """--neuron-kernel compiled gives the same images; --bf16 nearly the same (the U-Net in
-    bfloat16, membranes and sampler in float32); a bad kernel name is refused."""
+    """--neuron-kernel compiled gives the same images, --memory-format channels_last the same up
+    to rounding; --bf16 nearly the same (the U-Net in bfloat16, membranes and sampler in
+    float32); a bad kernel or layout name is refused."""
     runner = CliRunner()
     base = ["sample", "--checkpoint", str(model_dir), "--num", "4", "--steps", "3"]
     outputs = {}
@@ -116,16 +117,21 @@ def test_speed_options_keep_the_images(model_dir, tmp_path):
         "eager": [],
         "compiled": ["--neuron-kernel", "compiled"],
         "bf16": ["--bf16"],
+        "nhwc": ["--memory-format", "channels_last"],
     }.items():
         out = tmp_path / f"{name}.npz"
         result = runner.invoke(app, [*base, *extra, "--out", str(out)])
         assert result.exit_code == 0, result.output
         outputs[name] = np.load(out)["images"].astype(np.int16)
     assert np.array_equal(outputs["compiled"], outputs["eager"])
+    # NHWC: another conv summation order, the same uint8 images up to a spike flip's rounding
+    assert np.abs(outputs["nhwc"] - outputs["eager"]).max() <= 1
     diff = np.abs(outputs["bf16"] - outputs["eager"])
     assert diff.max() <= 4 and not np.array_equal(outputs["bf16"], outputs["eager"])
     bad = runner.invoke(app, [*base, "--neuron-kernel", "cuda", "--out", str(tmp_path / "x.npz")])
     assert bad.exit_code != 0 and "kernel" in bad.output
+    bad = runner.invoke(app, [*base, "--memory-format", "nhwc", "--out", str(tmp_path / "y.npz")])
+    assert bad.exit_code == 2 and "--memory-format: unknown memory format 'nhwc'" in bad.output
 
 
 def test_load_for_sampling_sets_the_neuron_kernel_and_folding_keeps_it(model_dir):

@@ -237,6 +237,7 @@ def test_options_validate_once_and_name_the_field():
         "compile": {"compile": 1},
         "neuron_kernel": {"neuron_kernel": "cuda"},
         "device": {"device": "bogus"},
+        "memory_format": {"memory_format": "nhwc"},
         "moments": {"sampler": "ddim", "moments": torch.ones(1000)},
         "labels": {"labels": [0, -1]},
         "guidance": {"guidance": float("nan")},
@@ -258,7 +259,8 @@ def test_options_records_round_trip():
     assert d == {
         "sampler": "ddpm", "steps": None, "spacing": None, "eta": 0.0, "threshold": 1.01,
         "seed": 4, "batch_size": 8, "bf16": True, "compile": False, "neuron_kernel": "auto",
-        "device": "cpu", "moments": None, "labels": None, "guidance": None,
+        "device": "cpu", "memory_format": "contiguous", "moments": None, "labels": None,
+        "guidance": None,
     }  # fmt: skip
     assert SamplingOptions.from_dict({**d, "num_images": 10}) == opts
     resolved = opts.to_dict(T=50)

@@ -195,3 +195,31 @@ def test_run_config_checks_memory_format():
     config.train.memory_format = "nhwc"
     with pytest.raises(ValueError, match="train.memory_format must be one of"):
         config.validate()
+
+
+def test_sampling_in_channels_last_gives_the_same_images(monkeypatch):
+    """SamplingOptions.memory_format lays out the folded copy that samples (the given model is
+    not touched); the images equal NCHW sampling's (the ANN twin: no spike to flip on the
+    float32 rounding of another summation order)."""
+    from sddpm import generation
+    from sddpm.diffusion import OptionError
+
+    model, cfg = _model("ann", image_channels=3, fmt="contiguous")
+    model.eval()
+    shape = (3, 16, 16)
+    common = dict(sampler="ddim", steps=3, batch_size=2, progress=False)
+    nchw = generation.generate(model, 2, shape, **common)
+    called = []
+    real = generation.sample
+    monkeypatch.setattr(
+        generation, "sample", lambda m, *a, **k: called.append(m) or real(m, *a, **k)
+    )
+    nhwc = generation.generate(model, 2, shape, memory_format="channels_last", **common)
+    assert called and called[0] is not model and memory_format_name(called[0]) == "channels_last"
+    assert all(p.stride(1) == 1 for p in called[0].parameters() if p.dim() == 4)
+    assert memory_format_name(model) == "contiguous"
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert nhwc.abs().max() > 0
+    torch.testing.assert_close(nhwc, nchw, rtol=1e-5, atol=1e-5)
+    with pytest.raises(OptionError, match=r"set_memory_format\(model, 'channels_last'\)"):
+        generation.generate(model, 2, shape, memory_format="channels_last", fold_bn=False, **common)

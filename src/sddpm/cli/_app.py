@@ -110,6 +110,12 @@ NEURON_KERNEL_OPTION = typer.Option(
     help="auto (triton on CUDA when installed, else eager), eager, compiled or triton.",
 )
 
+MEMORY_FORMAT_OPTION = typer.Option(
+    "contiguous",
+    "--memory-format",
+    help="The U-Net's layout: contiguous (NCHW) or channels_last (NHWC, for GPUs' bf16 convs).",
+)
+
 MOMENTS_OPTION = typer.Option(
     None,
     "--moments",
@@ -147,6 +153,7 @@ SAMPLING_FLAGS = {
     "compile": ("--compile", COMPILE_OPTION, bool),
     "neuron_kernel": ("--neuron-kernel", NEURON_KERNEL_OPTION, str),
     "device": ("--device", DEVICE_OPTION, str),
+    "memory_format": ("--memory-format", MEMORY_FORMAT_OPTION, str),
     "moments": ("--moments", MOMENTS_OPTION, Path | None),
     "labels": ("--labels", LABELS_OPTION, str | None),
     "guidance": ("--guidance", GUIDANCE_OPTION, float | None),

@@ -7,7 +7,8 @@ the energy meter. Its fields fall in two groups:
 - what the images are: ``sampler``, ``steps``, ``spacing``, ``eta``, ``threshold``, ``seed``,
   ``labels``, ``guidance`` and ``bf16`` (bfloat16 autocast changes the numbers a little). Two
   runs whose options agree on these give the same images.
-- how the work runs: ``batch_size``, ``compile``, ``neuron_kernel`` and ``device``
+- how the work runs: ``batch_size``, ``compile``, ``neuron_kernel``, ``device`` and
+  ``memory_format``
   (:data:`EXECUTION_FIELDS`); they change speed, not images (per-image seeds; the compiled
   neuron kernel is bit-identical to the eager one).
 
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 
 from ..distributed import check_device
+from ..models.memory_format import check_memory_format
 from .guidance import check_guidance
 from .schedule import SPACINGS
 
@@ -61,7 +63,7 @@ MOMENT_SAMPLERS = ("analytic-ddpm", "analytic-ddim")
 # ANN twin, 99.3 % accuracy at 0.99x the unconditional proxy FID.
 DEFAULT_GUIDANCE = 1.5
 # Fields that change how fast images are made, not which images.
-EXECUTION_FIELDS = frozenset({"batch_size", "compile", "neuron_kernel", "device"})
+EXECUTION_FIELDS = frozenset({"batch_size", "compile", "neuron_kernel", "device", "memory_format"})
 
 
 class OptionError(ValueError):
@@ -101,6 +103,9 @@ class SamplingOptions:
         compile: ``torch.compile`` the U-Net.
         neuron_kernel: how the spiking neurons run (:data:`sddpm.snn.KERNELS`).
         device: where the images are made, a ``torch.device`` name.
+        memory_format: the layout the U-Net computes in, ``"contiguous"`` (NCHW) or
+            ``"channels_last"`` (NHWC; :func:`sddpm.models.set_memory_format`); the same images
+            up to the convolutions' summation order.
         moments: Analytic-DPM only: ``[T]`` ``Gamma_t = E||eps(x_t, t)||^2 / d``
             (:func:`sddpm.diffusion.estimate_eps_moments`); records carry its fingerprint.
         labels: class-conditional models only: the classes, cycled over the image indices
@@ -131,6 +136,7 @@ class SamplingOptions:
     compile: bool = False
     neuron_kernel: str = "auto"
     device: str = "cpu"
+    memory_format: str = "contiguous"
     moments: torch.Tensor | None = dataclasses.field(default=None, compare=False, repr=False)
     labels: tuple[int, ...] | None = None
     guidance: float | None = None
@@ -210,6 +216,10 @@ class SamplingOptions:
             check_device(self.device)
         except ValueError as err:
             raise OptionError("device", str(err)) from None
+        try:
+            check_memory_format(self.memory_format)
+        except ValueError as err:
+            raise OptionError("memory_format", str(err)) from None
 
     # ---------------------------------------------------------------- what the sampler runs
 
