@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from sddpm.diffusion import initial_noise, sample
-from sddpm.models import build_model, fold_batchnorm, preset
+from sddpm.models import build_model, fold_batchnorm, preset, set_memory_format
 from sddpm.snn import set_neuron_kernel
 
 RESULTS = Path(__file__).with_name("results.jsonl")
@@ -73,6 +73,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--neuron-kernel", default="auto", help="auto, eager, compiled or triton")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast of the U-Net")
+    ap.add_argument(
+        "--memory-format", default="contiguous", help="contiguous (NCHW) or channels_last (NHWC)"
+    )
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -84,6 +87,7 @@ def main() -> None:
             batch = args.batch or (64 if name == "digits" else 8)
             model = fold_batchnorm(build_model(cfg).eval()).to(args.device)
             set_neuron_kernel(model, args.neuron_kernel)
+            set_memory_format(model, args.memory_format)
             shape = (cfg.image_channels, cfg.image_size, cfg.image_size)
             x = initial_noise(batch, shape, 0, device=args.device)
             t = torch.full((batch,), 500, device=args.device)
@@ -120,6 +124,7 @@ def main() -> None:
                         "how": how,
                         "threads": torch.get_num_threads(),
                         "neuron_kernel": args.neuron_kernel,
+                        "memory_format": args.memory_format,
                         "bf16": args.bf16,
                         "machine": platform.processor() or platform.machine(),
                     }
