@@ -62,6 +62,11 @@ class Setup:
         self.device = torch.device(args.device)
         torch.manual_seed(0)
         self.model = build_model(cfg).to(self.device).train()
+        self.memory_format = args.memory_format
+        if args.memory_format != "contiguous":  # needs a version with set_memory_format
+            from sddpm.models import set_memory_format
+
+            set_memory_format(self.model, args.memory_format)
         shape = (args.batch, cfg.image_channels, cfg.image_size, cfg.image_size)
         self.x = torch.randn(shape, device=self.device)
         self.t = torch.randint(0, cfg.diffusion_steps, (args.batch,), device=self.device)
@@ -88,7 +93,7 @@ class Setup:
             try:
                 from sddpm.models import fold_batchnorm
 
-                self.sampler_model = fold_batchnorm(self.model)
+                self.sampler_model = fold_batchnorm(self.model)  # a copy: keeps the layout
             except ImportError:  # versions before BatchNorm folding
                 self.sampler_model = self.model
         with torch.inference_mode(), self.autocast():
@@ -198,6 +203,11 @@ def main() -> None:
     ap.add_argument("--channels", type=int, default=None, help="override the preset's width")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (both models)")
+    ap.add_argument(
+        "--memory-format",
+        default="contiguous",
+        help="contiguous (NCHW) or channels_last (NHWC; versions with set_memory_format)",
+    )
     ap.add_argument("--label", default=None, help="e.g. the optimisation this version adds")
     ap.add_argument("--no-save", action="store_true", help="do not append to results.jsonl")
     ap.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
@@ -281,6 +291,7 @@ def main() -> None:
         "machine": machine(device),
         "threads": torch.get_num_threads(),
         "bf16": args.bf16,
+        "memory_format": args.memory_format,
         "retain_freed_memory": retained,
         "repeats": args.repeats,
         "torch": torch.__version__,
@@ -290,9 +301,10 @@ def main() -> None:
     }
     unit = "CPU s" if device.type == "cpu" else "s"
     mem = "peak RSS MiB (step)" if device.type == "cpu" else "peak allocated MiB (step)"
+    layout = "" if args.memory_format == "contiguous" else f", {args.memory_format}"
     print(
         f"\n{args.preset}, batch {args.batch}, {record['machine']}, {args.device}, "
-        f"{record['threads']} thread(s){', bf16' if args.bf16 else ''}; dense conv "
+        f"{record['threads']} thread(s){', bf16' if args.bf16 else ''}{layout}; dense conv "
         f"{reference:.1f} GFLOP/s; best of {args.repeats}\n"
     )
     print(
