@@ -169,3 +169,25 @@ def test_stem_once_equals_batchnorm_on_the_repeated_image():
     torch.testing.assert_close(stem.bn.running_mean, bn.running_mean, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(stem.bn.running_var, bn.running_var, rtol=1e-6, atol=1e-7)
     assert int(stem.bn.num_batches_tracked) == int(bn.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"kind": "ann"}, {"tsm": True}, {"num_classes": 3}],
+    ids=["spiking", "ann", "tsm", "conditional"],
+)
+def test_torch_compile_traces_the_model_in_one_graph(changes):
+    """No graph break in a training forward pass. A break per layer makes Dynamo recompile the
+    rest for every layer's shapes and go dynamic; on torch 2.11 (the GPU machines) the
+    autocast queries of the spike-fed convs did that, and inductor then failed on the
+    dynamic strides."""
+    cfg = preset("digits").replace(channels=8, **changes)
+    model = build_model(cfg).train()
+    model.check_t_values = model.check_y_values = False  # as the trainer sets them
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 999])
+    y = torch.tensor([0, 3]) if changes.get("num_classes") else None
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(lambda x, t: model(x, t, y).square().mean())(x, t)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, [
+        str(b.reason)[:200] for b in explained.break_reasons
+    ]

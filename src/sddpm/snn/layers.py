@@ -11,7 +11,10 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype autocast runs a convolution or matmul in on ``device_type`` (``"cuda"``,
     ``"cpu"``, ...), or ``None`` where autocast is off there (or has no such device type:
     ``meta``)."""
-    if not torch.amp.is_autocast_available(device_type):
+    # Traced by torch.compile, the device type is a real one (a fake tensor keeps it), and
+    # torch 2.11's Dynamo cannot trace is_autocast_available: it breaks the graph at every
+    # spike-fed conv, and the recompiles that follow go dynamic.
+    if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device_type):
         return None
     if not torch.is_autocast_enabled(device_type):
         return None
@@ -37,11 +40,18 @@ class _SpikeConv2dFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         spikes, weight = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
+        if torch.compiler.is_compiling():
+            # traced (torch.compile): inductor fuses the conversion, and torch 2.11's cannot
+            # lower the bool -> uint8 view of the eager path
+            spikes = spikes.to(grad_out.dtype)
+        else:
+            # bool -> uint8 is a free reinterpretation; uint8 -> float is a fast conversion
+            # (on a CPU, bool -> float directly is 2.5x slower)
+            spikes = spikes.view(torch.uint8).to(grad_out.dtype)
         # one aten call computes the input, weight and bias gradients together
         grad_in, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad_out,
-            # bool -> uint8 is a free reinterpretation; uint8 -> float is a fast conversion
-            spikes.view(torch.uint8).to(grad_out.dtype),
+            spikes,
             weight,
             [weight.shape[0]] if ctx.has_bias else None,
             stride,
