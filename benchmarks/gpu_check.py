@@ -33,6 +33,7 @@ import json
 import math
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -384,6 +385,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def worker_error(proc: subprocess.CompletedProcess) -> str:
+    """The worker's own exception line (``torchrun`` ends its output with a summary of its
+    own), else the last line of output."""
+    lines = [
+        re.sub(r"^\[rank\d+\]:\s*", "", line)
+        for line in (proc.stderr + "\n" + proc.stdout).splitlines()
+    ]
+    errors = [
+        line
+        for line in lines
+        if re.match(r"^[\w.]*(Error|Exception)\b.*:", line) and "ChildFailedError" not in line
+    ]
+    if errors:
+        return errors[-1][:300]
+    return next((line for line in reversed(lines) if line.strip()), "no output")
+
+
 def check_ddp(checks: Checks, workdir: Path, device, backend: str) -> None:
     name = f"DDP one-process step + compile ({backend})"
     with checks.run(name):
@@ -401,8 +419,7 @@ def check_ddp(checks: Checks, workdir: Path, device, backend: str) -> None:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
         report = workdir / "ddp-result.json"
         if proc.returncode != 0 or not report.is_file():
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            checks.add(name, "FAIL", f"exit {proc.returncode}", tail[0])
+            checks.add(name, "FAIL", f"exit {proc.returncode}", worker_error(proc))
             return
         r = json.loads(report.read_text())
         ok = r["world_size"] == 1 and all(math.isfinite(v) for v in r["losses"])

@@ -81,3 +81,26 @@ def test_a_failing_check_is_a_fail_row_and_the_verdict():
     row = checks.rows[-1]
     assert row["status"] == "FAIL" and "cuDNN refused mixed dtypes" in row["detail"]
     assert "broken" in checks.table()
+
+
+def test_a_failed_worker_is_reported_by_its_own_error():
+    """torchrun ends a failed worker's output with its own summary; the row names the
+    worker's exception instead."""
+    gpu_check = _load_script()
+    stderr = "\n".join(
+        [
+            "[rank0]: Traceback (most recent call last):",
+            '[rank0]:   File "gpu_check.py", line 436, in ddp_worker',
+            "[rank0]: torch._inductor.exc.InductorError: TypeError: cannot determine truth value",
+            "E1201 failed (exitcode: 1) local_rank: 0",
+            "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ",
+            "============================================================",
+        ]
+    )
+    proc = subprocess.CompletedProcess([], 1, "", stderr)
+    assert gpu_check.worker_error(proc) == (
+        "torch._inductor.exc.InductorError: TypeError: cannot determine truth value"
+    )
+    assert gpu_check.worker_error(subprocess.CompletedProcess([], 1, "last words\n", "")) == (
+        "last words"
+    )
