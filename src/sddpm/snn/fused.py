@@ -31,7 +31,11 @@ from .surrogate import Surrogate
 
 def _fire(h: torch.Tensor, threshold: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """Float spikes ``h >= threshold`` (a float ``out=`` comparison: far cheaper on CPUs than
-    making a bool mask and converting it)."""
+    making a bool mask and converting it). Traced by ``torch.compile``, a plain comparison:
+    Dynamo refuses ``out=`` into a tensor that is not contiguous (a channels-last map)."""
+    if torch.compiler.is_compiling():
+        s = torch.ge(h, threshold).to(h.dtype)
+        return s if out is None else out.copy_(s)
     if out is None:
         out = torch.empty_like(h)
     return torch.ge(h, threshold, out=out)
@@ -68,6 +72,31 @@ def _forward_loop(x_seq, threshold, tau, reset, v_reset, decay_input, keep_h):
     return spikes, v, h_seq
 
 
+def _traced_forward_loop(x_seq, threshold, tau, reset, v_reset, decay_input, keep_h):
+    """:func:`_forward_loop`'s float operations without ``out=``: what ``torch.compile``
+    traces (the ``compiled`` kernel, and every kernel under an outer compile). Dynamo refuses
+    ``out=`` into a tensor that is not contiguous, such as one step of a channels-last map, and
+    breaks the graph at every neuron; copying each step into its slot keeps the layout."""
+    v_rest = v_reset if reset == "hard" else 0.0
+    v = torch.full_like(x_seq[0], v_rest)
+    h_seq = empty_steps(x_seq) if keep_h else None
+    spikes = empty_steps(x_seq)
+    for t in range(x_seq.shape[0]):
+        x = x_seq[t]
+        if tau is None:
+            h = v + x
+        elif decay_input:
+            h = v + (x - v + v_rest) / tau
+        else:
+            h = (v - (v - v_rest) / tau) + x
+        s = torch.ge(h, threshold).to(h.dtype)
+        spikes[t].copy_(s)
+        if keep_h:
+            h_seq[t].copy_(h)
+        v = _reset(h, s, threshold, reset, v_reset, in_place=False)
+    return spikes, v, h_seq
+
+
 KERNELS = ("auto", "eager", "compiled", "triton")
 """How the step loops run: ``eager`` (tensor operations from Python), ``compiled``
 (``torch.compile`` of the same loops: one generated kernel per loop, C++ on CPUs and Triton on
@@ -79,6 +108,7 @@ outer ``torch.compile`` every kernel runs the eager loops, which the outer compi
 its own kernels."""
 
 _COMPILED: dict = {}
+_TRACED = {_forward_loop: _traced_forward_loop}  # what torch.compile traces in place of a loop
 
 
 class NeuronKernelError(ValueError):
@@ -167,11 +197,13 @@ def resolve_kernel(kernel: str, x: torch.Tensor) -> str:
 
 
 def _loop(fn, kernel: str):
-    """``fn`` itself, or its compiled version for ``kernel="compiled"`` (made once)."""
+    """``fn`` itself, or its compiled version for ``kernel="compiled"`` (made once). Traced, the
+    forward loop is :func:`_traced_forward_loop` (the same arithmetic)."""
+    traced = _TRACED.get(fn, fn)
     if kernel != "compiled":
-        return fn
+        return traced if torch.compiler.is_compiling() else fn
     if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+        _COMPILED[fn] = torch.compile(traced, dynamic=True)
     return _COMPILED[fn]
 
 
