@@ -52,6 +52,15 @@ def _reset(h, s, threshold, reset, v_reset, in_place):
     return h * (1.0 - s) + v_reset * s
 
 
+def _charge(v, x, tau, decay_input, v_rest, out=None):
+    """The pre-spike membrane ``h`` from the membrane ``v`` and the input ``x`` (into ``out``)."""
+    if tau is None:
+        return torch.add(v, x, out=out)
+    if decay_input:  # h = v + (x - (v - v_rest)) / tau
+        return torch.add(v, (x - v + v_rest) / tau, out=out)
+    return torch.add(v - (v - v_rest) / tau, x, out=out)  # h = v - (v - v_rest) / tau + x
+
+
 def _forward_loop(x_seq, threshold, tau, reset, v_reset, decay_input, keep_h):
     """Float spikes, last membrane, and the pre-spike membranes if ``keep_h``."""
     v_rest = v_reset if reset == "hard" else 0.0
@@ -59,14 +68,8 @@ def _forward_loop(x_seq, threshold, tau, reset, v_reset, decay_input, keep_h):
     h_seq = empty_steps(x_seq) if keep_h else None
     spikes = empty_steps(x_seq)
     for t in range(x_seq.shape[0]):
-        x = x_seq[t]
-        h = h_seq[t] if keep_h else v  # without h_seq, charge the membrane in place
-        if tau is None:
-            torch.add(v, x, out=h)
-        elif decay_input:  # h = v + (x - (v - v_rest)) / tau
-            torch.add(v, (x - v + v_rest) / tau, out=h)
-        else:  # h = v - (v - v_rest) / tau + x
-            torch.add(v - (v - v_rest) / tau, x, out=h)
+        # without h_seq, charge the membrane in place
+        h = _charge(v, x_seq[t], tau, decay_input, v_rest, out=h_seq[t] if keep_h else v)
         s = _fire(h, threshold, out=spikes[t])
         v = _reset(h, s, threshold, reset, v_reset, in_place=not keep_h)
     return spikes, v, h_seq
@@ -82,15 +85,8 @@ def _traced_forward_loop(x_seq, threshold, tau, reset, v_reset, decay_input, kee
     h_seq = empty_steps(x_seq) if keep_h else None
     spikes = empty_steps(x_seq)
     for t in range(x_seq.shape[0]):
-        x = x_seq[t]
-        if tau is None:
-            h = v + x
-        elif decay_input:
-            h = v + (x - v + v_rest) / tau
-        else:
-            h = (v - (v - v_rest) / tau) + x
-        s = torch.ge(h, threshold).to(h.dtype)
-        spikes[t].copy_(s)
+        h = _charge(v, x_seq[t], tau, decay_input, v_rest)
+        s = spikes[t].copy_(_fire(h, threshold))
         if keep_h:
             h_seq[t].copy_(h)
         v = _reset(h, s, threshold, reset, v_reset, in_place=False)
