@@ -35,15 +35,20 @@ def set_memory_format(model: nn.Module, name: str) -> nn.Module:
     fmt = check_memory_format(name)
     with torch.no_grad():
         for tensor in (*model.parameters(), *model.buffers()):
-            if tensor.dim() != 4:
-                continue
-            # by strides, not is_contiguous: a weight with one input channel is contiguous in
-            # both formats, yet cuDNN and oneDNN pick the output's layout from its strides
-            laid_out = torch.empty_like(tensor.data, memory_format=fmt)
-            if laid_out.stride() != tensor.stride():
-                tensor.data = laid_out.copy_(tensor.data)
+            if tensor.dim() == 4:
+                tensor.data = laid_out(tensor.data, fmt)
     model.memory_format = fmt
     return model
+
+
+def laid_out(x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    """A 4-D ``x`` with ``fmt``'s strides: ``x`` itself if it has them, else a copy.
+
+    By strides, not ``Tensor.contiguous``: a tensor with one channel counts as contiguous in
+    both formats and would keep its NCHW strides, yet cuDNN and oneDNN pick a conv output's
+    layout from its inputs' strides."""
+    target = torch.empty_like(x, memory_format=fmt)
+    return x if target.stride() == x.stride() else target.copy_(x)
 
 
 def memory_format_name(model: nn.Module) -> str:

@@ -21,6 +21,7 @@ from torch import nn
 from ..snn import SpikeConv2d, SpikingNeuron, Surrogate
 from .config import UNetConfig
 from .labels import check_label_tensor, check_label_values
+from .memory_format import laid_out
 from .tsm import TSM_CONVS, add_step_scales
 
 
@@ -30,15 +31,6 @@ def _fold(x: torch.Tensor) -> torch.Tensor:
 
 def _unfold(x: torch.Tensor, steps: int) -> torch.Tensor:
     return x.unflatten(0, (steps, -1))
-
-
-def _laid_out(x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
-    """``x`` with ``fmt``'s strides (``Tensor.contiguous`` would keep a one-channel image's
-    NCHW strides, which it counts as channels-last too)."""
-    if fmt == torch.contiguous_format:
-        return x.contiguous()
-    laid_out = torch.empty_like(x, memory_format=fmt)
-    return x if laid_out.stride() == x.stride() else laid_out.copy_(x)
 
 
 def _is_nhwc(x: torch.Tensor) -> bool:
@@ -241,7 +233,7 @@ class Head(nn.Module):
         h = self.conv(F.silu(self.bn(_fold(h_seq))))
         w = self.temporal_conv.weight.squeeze(-1)
         if _is_nhwc(h):  # a channels-last model: a weight to match
-            w = _laid_out(w, torch.channels_last)
+            w = laid_out(w, torch.channels_last)
         z = self.temporal_bn(F.conv2d(h, w, self.temporal_conv.bias, padding=1))
         out = _unfold(F.silu(z) + h, steps)
         weights = self.decay ** torch.arange(steps - 1, -1, -1, dtype=out.dtype, device=out.device)
@@ -387,7 +379,7 @@ class UNet(nn.Module):
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
     ) -> torch.Tensor:
         self.validate_input(x, t, y)
-        x = _laid_out(x, self.memory_format)
+        x = laid_out(x, self.memory_format)
         temb = self.time_embed(t)
         if self.config.num_classes > 0:
             if y is None:
