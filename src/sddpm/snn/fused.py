@@ -33,9 +33,8 @@ def _fire(h: torch.Tensor, threshold: float, out: torch.Tensor | None = None) ->
     """Float spikes ``h >= threshold`` (a float ``out=`` comparison: far cheaper on CPUs than
     making a bool mask and converting it). Traced by ``torch.compile``, a plain comparison:
     Dynamo refuses ``out=`` into a tensor that is not contiguous (a channels-last map)."""
-    if torch.compiler.is_compiling():
-        s = torch.ge(h, threshold).to(h.dtype)
-        return s if out is None else out.copy_(s)
+    if out is None and torch.compiler.is_compiling():
+        return torch.ge(h, threshold).to(h.dtype)
     if out is None:
         out = torch.empty_like(h)
     return torch.ge(h, threshold, out=out)
