@@ -211,10 +211,16 @@ def dense_conv_flops_per_s(device, quick: bool) -> float:
     return flops / best
 
 
-def time_training(checks: Checks, args, device, kind: str, memory_format: str) -> float | None:
-    """One row: images/s of ``kind``'s training step in ``memory_format``; its s/step."""
+def training_batch(args) -> int:
+    """The batch of the timed training steps: ``--batch``, else 128 (2 with ``--quick``)."""
+    return args.batch or (2 if args.quick else 128)
+
+
+def time_training(checks: Checks, args, device, kind: str, memory_format: str) -> dict | None:
+    """One row: images/s of ``kind``'s training step in ``memory_format``; the row when its
+    losses were finite."""
     preset_name, shrink = "cifar10", (QUICK_MODEL if args.quick else None)
-    batch = args.batch or (2 if args.quick else 128)
+    batch = training_batch(args)
     steps = args.steps or (1 if args.quick else 10)
     warmup = 1 if args.quick else 3
     name = f"train {kind}" + ("" if memory_format == "contiguous" else f" {memory_format}")
@@ -252,20 +258,23 @@ def time_training(checks: Checks, args, device, kind: str, memory_format: str) -
             memory_format=memory_format,
             bf16=step.bf16,
         )
-        return seconds if ok else None
+        return checks.rows[-1] if ok else None
     return None
 
 
 def check_training(checks: Checks, args, device) -> None:
     """Training steps of both models in both memory formats; the targets (on the default
     layout), and which layout is faster on this device."""
-    batch = args.batch or (2 if args.quick else 128)
-    results: dict[str, float] = {}
+    batch = training_batch(args)
+    results: dict[str, float] = {}  # s/step of the rows that passed
     for kind in ("spiking", "ann"):
         for memory_format in ("contiguous", "channels_last"):
-            seconds = time_training(checks, args, device, kind, memory_format)
-            if seconds is not None:
-                results[kind if memory_format == "contiguous" else f"{kind} nhwc"] = seconds
+            row = time_training(checks, args, device, kind, memory_format)
+            if row is not None:
+                key = kind if memory_format == "contiguous" else f"{kind} nhwc"
+                results[key] = row["s_per_step"]
+                if key == "spiking":
+                    conv_flops_per_s = row["conv_flops_per_s"]
     if all(k in results for k in ("spiking", "spiking nhwc", "ann", "ann nhwc")):
         gain = {k: results[k] / results[f"{k} nhwc"] for k in ("spiking", "ann")}
         checks.add(
@@ -276,14 +285,11 @@ def check_training(checks: Checks, args, device) -> None:
             speedup_spiking=gain["spiking"],
             speedup_ann=gain["ann"],
         )
-    spiking_row = next((r for r in checks.rows if r["check"] == "train spiking"), None)
-    if spiking_row is not None and "conv_flops_per_s" in spiking_row:
-        results["conv_flops_per_s"] = spiking_row["conv_flops_per_s"]
     if "spiking" not in results or "ann" not in results:
         return
     dense = dense_conv_flops_per_s(device, args.quick)
     ratio = results["spiking"] / results["ann"]
-    share = results["conv_flops_per_s"] / dense
+    share = conv_flops_per_s / dense
     on_gpu = device.type == "cuda" and not args.quick
     spiking_ips = batch / results["spiking"]
 
