@@ -19,6 +19,9 @@ It checks, on the chosen device, everything a GPU can break that a CPU cannot:
   the CPU), launched through ``torch.distributed.run`` as users launch training.
 
 It prints one table, writes JSON (``--json``), and ends with one line: ``PASS`` or ``FAIL``.
+The JSON is rewritten (atomically) after every row, with ``"verdict": "INCOMPLETE"`` until the
+last check ends, so a run cut short by a time limit still leaves what it measured. ``--only``
+runs some of the checks (``--only training,ddp``), to rerun what failed within a short lease.
 Performance targets (for one H200: spiking >= 1,500 images/s, <= 4x the ANN's step time, convs
 at >= 40 % of dense bf16 conv throughput) are reported beside the checks and do not decide
 PASS/FAIL, which is about correctness. ``--device cpu --quick`` runs Triton's kernels under
@@ -55,7 +58,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="tiny settings (the CI run)")
     ap.add_argument("--batch", type=int, default=None, help="training batch (default 128)")
     ap.add_argument("--steps", type=int, default=None, help="timed training steps (default 10)")
-    ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    ap.add_argument(
+        "--json", type=Path, default=None, help="write the results here (after every row)"
+    )
+    ap.add_argument(
+        "--only",
+        default=None,
+        help=f"comma-separated checks to run (default all): {', '.join(SECTIONS)}",
+    )
     ap.add_argument(
         "--compile-backend",
         default=None,
@@ -68,15 +78,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 class Checks:
-    """Rows of the final table: name, status (PASS, FAIL, SKIP or INFO), value, detail."""
+    """Rows of the final table: name, status (PASS, FAIL, SKIP or INFO), value, detail.
 
-    def __init__(self) -> None:
+    With a ``report`` path, the JSON record (``header`` and the rows so far, verdict
+    ``INCOMPLETE``) is rewritten atomically after every row, and by :meth:`finish` with the
+    verdict."""
+
+    def __init__(self, report: Path | None = None, header: dict | None = None) -> None:
         self.rows: list[dict] = []
+        self.report = report
+        self.header = dict(header or {})
+        self.started = time.perf_counter()
+        self.write("INCOMPLETE")
 
     def add(self, name: str, status: str, value: str = "", detail: str = "", **data) -> None:
         row = {"check": name, "status": status, "value": value, "detail": detail}
         self.rows.append({**row, **data})
         print(f"  {status:4}  {name}: {value} {detail}".rstrip(), flush=True)
+        self.write("INCOMPLETE")
+
+    @property
+    def verdict(self) -> str:
+        return "PASS" if self.passed else "FAIL"
+
+    def write(self, verdict: str) -> None:
+        if self.report is None:
+            return
+        from sddpm.io import write_json
+
+        seconds = time.perf_counter() - self.started
+        record = {"verdict": verdict, "seconds": seconds, **self.header, "checks": self.rows}
+        write_json(self.report, record)
+
+    def finish(self) -> str:
+        """The verdict, written into the report."""
+        self.write(self.verdict)
+        return self.verdict
 
     @contextlib.contextmanager
     def run(self, name: str):
@@ -613,11 +650,42 @@ def environment(device) -> dict:
     return info
 
 
+SECTIONS = {
+    "training": lambda checks, c: check_training(checks, c["args"], c["device"]),
+    "resume": lambda checks, c: check_resume(checks, c["work"], c["device"]),
+    "kernels": lambda checks, c: check_kernels(checks, c["device"]),
+    "sampling": lambda checks, c: check_sampling(
+        checks, c["device"], c["args"].quick, c["backend"]
+    ),
+    "inception": lambda checks, c: check_inception(checks, c["device"]),
+    "ddp": lambda checks, c: check_ddp(checks, c["work"], c["device"], c["backend"]),
+}
+"""The checks in the order they run (the names ``--only`` takes)."""
+
+
+def chosen_sections(only: str | None) -> list[str] | str:
+    """The sections ``--only`` names, in run order; a message naming the unknown ones."""
+    if only is None:
+        return list(SECTIONS)
+    names = [n.strip() for n in only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown or not names:
+        return (
+            f"error: --only {only!r}: no check named {', '.join(unknown) or '(none given)'}; "
+            f"the checks are {', '.join(SECTIONS)}"
+        )
+    return [n for n in SECTIONS if n in names]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.ddp_worker is not None:
         ddp_worker(args.ddp_worker)
         return 0
+    sections = chosen_sections(args.only)
+    if isinstance(sections, str):
+        print(sections, file=sys.stderr)
+        return 2
     if args.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
     import torch
@@ -638,25 +706,17 @@ def main(argv: list[str] | None = None) -> int:
     backend = args.compile_backend or (
         "aot_eager" if device.type == "cpu" and args.quick else "inductor"
     )
-    checks = Checks()
-    t0 = time.perf_counter()
+    checks = Checks(args.json, {"quick": args.quick, "sections": sections, **info})
     with tempfile.TemporaryDirectory(prefix="sddpm-gpu-check-") as tmp:
-        work = Path(tmp)
-        check_training(checks, args, device)
-        check_resume(checks, work, device)
-        check_kernels(checks, device)
-        check_sampling(checks, device, args.quick, backend)
-        check_inception(checks, device)
-        check_ddp(checks, work, device, backend)
-    seconds = time.perf_counter() - t0
+        context = {"args": args, "device": device, "work": Path(tmp), "backend": backend}
+        for section in sections:
+            t0 = time.perf_counter()
+            SECTIONS[section](checks, context)
+            print(f"        ({section}: {time.perf_counter() - t0:.0f} s)", flush=True)
+    seconds = time.perf_counter() - checks.started
     print()
     print(checks.table())
-    verdict = "PASS" if checks.passed else "FAIL"
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        record = {"verdict": verdict, "seconds": seconds, "quick": args.quick, **info}
-        record["checks"] = checks.rows
-        args.json.write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
+    verdict = checks.finish()
     print(f"{verdict} ({seconds:.0f} s)")
     return 0 if checks.passed else 1
 

@@ -39,6 +39,7 @@ def test_quick_cpu_run_passes_every_check(tmp_path):
     assert proc.stdout.strip().splitlines()[-1].startswith("PASS")
     record = json.loads(out.read_text())
     assert record["verdict"] == "PASS" and record["quick"] is True
+    assert record["sections"] == ["training", "resume", "kernels", "sampling", "inception", "ddp"]
     rows = {r["check"]: r for r in record["checks"]}
     from sddpm.snn import fused
 
@@ -104,3 +105,45 @@ def test_a_failed_worker_is_reported_by_its_own_error():
     assert gpu_check.worker_error(subprocess.CompletedProcess([], 1, "last words\n", "")) == (
         "last words"
     )
+
+
+def test_the_report_is_written_after_every_row(tmp_path):
+    """A run cut short by a time limit leaves the rows it measured, marked INCOMPLETE."""
+    report = tmp_path / "out" / "gpu_check.json"
+    checks = _load_script().Checks(report, {"device": "cpu"})
+    assert json.loads(report.read_text())["checks"] == []
+    checks.add("train spiking", "PASS", "12.0 img/s", images_per_s=12.0)
+    record = json.loads(report.read_text())
+    assert record["verdict"] == "INCOMPLETE" and record["device"] == "cpu"
+    assert [r["check"] for r in record["checks"]] == ["train spiking"]
+    assert record["checks"][0]["images_per_s"] == 12.0
+    with checks.run("resume"):
+        raise OSError("disk full")
+    assert json.loads(report.read_text())["checks"][-1]["status"] == "FAIL"
+    assert checks.finish() == "FAIL"
+    assert json.loads(report.read_text())["verdict"] == "FAIL"
+    assert [p.name for p in report.parent.iterdir()] == ["gpu_check.json"]  # no temporary left
+
+
+def test_only_runs_the_named_checks(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    cmd = [sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--json", str(out)]
+    proc = subprocess.run(
+        [*cmd, "--only", "inception"],
+        capture_output=True, text=True, timeout=300, env=_env(), cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    record = json.loads(out.read_text())
+    assert record["verdict"] == "PASS" and record["sections"] == ["inception"]
+    assert [r["check"] for r in record["checks"]] == ["Inception features vs CPU"]
+
+
+def test_only_with_an_unknown_check_is_one_clear_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--only", "training,warp"],
+        capture_output=True, text=True, timeout=300, env=_env(), cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "warp" in lines[0] and "training, resume, kernels" in lines[0]
+    assert "Traceback" not in proc.stdout + proc.stderr
