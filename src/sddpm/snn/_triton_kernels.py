@@ -17,7 +17,8 @@ interpreted kernel when the variable is set after ``import triton`` (which
 Only long-stable ``tl`` builtins are used (``program_id``, ``arange``, ``full``,
 ``load``/``store`` with masks, ``where``, ``abs``, ``exp``, ``math.div_rn``, ``static_range``);
 the tests pass under the interpreters of triton 3.6 (torch 2.11) and 3.9 (torch 2.13).
-``div_rn`` is IEEE division (``/`` is an approximate division on NVIDIA GPUs) so that a LIF
+Offsets are int64: one step of a large batch may hold more than 2^31 neurons, past which
+int32 offsets would wrap. ``div_rn`` is IEEE division (``/`` is an approximate division on NVIDIA GPUs) so that a LIF
 membrane is bit-for-bit the eager one on the CPU.
 """
 
@@ -52,7 +53,7 @@ def neuron_forward(
 
     Charge, fire and reset are those of :func:`sddpm.snn.neuron_step`, in the same order of
     float operations as the eager loop."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # n may pass 2^31
     mask = offs < n
     v = tl.full([BLOCK], 0.0, tl.float32) + v_rest
     x_ptrs = x_ptr + offs
@@ -108,7 +109,7 @@ def neuron_backward(
     ``u = h - threshold``: atan ``scale / (1 + (param u)^2)`` (scale alpha/2, param pi alpha/2);
     sigmoid ``param s (1 - s)``, ``s = 1 / (1 + exp(-param u))`` (param alpha); rectangular
     ``scale`` where ``|u| < param`` (scale 1/width, param width/2), else 0."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # n may pass 2^31
     mask = offs < n
     grad_next = tl.full([BLOCK], 0.0, tl.float32)
     h_ptrs = h_ptr + last + offs
