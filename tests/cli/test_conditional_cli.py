@@ -9,12 +9,11 @@ from typer.testing import CliRunner
 from sddpm.cli import app
 from sddpm.generation import generate, load_for_sampling
 from sddpm.images import make_grid
-from sddpm.models import UNetConfig, build_model, save_pretrained
+from sddpm.models import build_model, save_pretrained
 
-CFG = UNetConfig(
-    image_channels=1, image_size=8, channels=8, channel_mult=(1, 2), num_res_blocks=1,
-    diffusion_steps=100,
-)  # fmt: skip
+from unet_configs import tiny_unet_config
+
+CFG = tiny_unet_config(diffusion_steps=100)
 EXTRA = {
     "diffusion": {
         "schedule": {"kind": "linear", "T": 100, "beta_1": 1e-4, "beta_T": 0.02},

@@ -17,7 +17,9 @@ from sddpm.diffusion import (
     timesteps,
 )
 from sddpm.generation import load_for_sampling
-from sddpm.models import UNetConfig, build_model, fold_batchnorm, save_pretrained
+from sddpm.models import build_model, fold_batchnorm, save_pretrained
+
+from unet_configs import tiny_unet_config
 
 SCHEDULE = {"kind": "linear", "T": 20, "beta_1": 1e-3, "beta_T": 0.2}
 
@@ -32,8 +34,7 @@ def folder(tmp_path_factory):
 
 
 def save_model(path, data=None):
-    cfg = UNetConfig(image_channels=1, image_size=8, channels=8, channel_mult=(1, 2),
-                     num_res_blocks=1, diffusion_steps=20, snn_timesteps=2)  # fmt: skip
+    cfg = tiny_unet_config(diffusion_steps=20, snn_timesteps=2)
     torch.manual_seed(0)
     model = build_model(cfg)
     model.train()(torch.randn(8, 1, 8, 8), torch.randint(0, 20, (8,)))  # BN running stats

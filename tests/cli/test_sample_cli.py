@@ -8,19 +8,14 @@ from typer.testing import CliRunner
 
 from sddpm.cli import app
 from sddpm.generation import generate, load_for_sampling
-from sddpm.models import UNetConfig, build_model, save_pretrained
+from sddpm.models import build_model, save_pretrained
+
+from unet_configs import tiny_unet_config
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    cfg = UNetConfig(
-        image_channels=1,
-        image_size=8,
-        channels=8,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        diffusion_steps=100,
-    )
+    cfg = tiny_unet_config(diffusion_steps=100)
     torch.manual_seed(0)
     model = build_model(cfg)
     model.train()(torch.randn(8, 1, 8, 8), torch.randint(0, 100, (8,)))  # BN running stats

@@ -21,10 +21,11 @@ from sddpm.diffusion import (
     output_to_eps,
     sample,
 )
-from sddpm.models import UNetConfig, build_model
+from sddpm.models import build_model
 from sddpm.snn import get_thresholds
 
 from .closed_form import GaussianEps
+from unet_configs import tiny_unet_config
 
 SCHEDULE = NoiseSchedule.linear()
 MEANS = (0.3, -0.4, 0.0)  # class k: pixels N(MEANS[k], S^2)
@@ -57,15 +58,7 @@ class ClassGaussians(nn.Module):
 
 def tiny_unet(kind="spiking"):
     torch.manual_seed(0)
-    cfg = UNetConfig(
-        image_channels=1,
-        image_size=8,
-        channels=8,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        kind=kind,
-        num_classes=K,
-    )
+    cfg = tiny_unet_config(kind=kind, num_classes=K)
     model = build_model(cfg).eval()
     with torch.no_grad():  # an output head that is not ~0 (its init gain is 1e-5)
         nn.init.normal_(model.head.conv.weight, std=0.3)
@@ -386,8 +379,7 @@ def test_sample_labels_bad_input():
         sample(unet, x_T, "ddim", steps=1, guidance=2.0)
     with pytest.raises(ValueError, match="guidance must be a finite number >= 0"):
         sample(unet, x_T, "ddim", steps=1, labels=[0, 1], guidance=-1.0)
-    plain = build_model(UNetConfig(image_channels=1, image_size=8, channels=8,
-                                   channel_mult=(1, 2), num_res_blocks=1)).eval()  # fmt: skip
+    plain = build_model(tiny_unet_config()).eval()
     with pytest.raises(ValueError, match="unconditional model"):
         sample(plain, x_T, "ddim", steps=1, labels=[0, 1])
 

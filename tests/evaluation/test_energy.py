@@ -23,6 +23,8 @@ from sddpm.models import UNetConfig, build_model, preset, save_pretrained
 from sddpm.models.unet import Upsample
 from sddpm.snn import SpikeConv2d, SpikingNeuron
 
+from unet_configs import tiny_unet_config
+
 
 def spikes_at(shape, positions) -> torch.Tensor:
     """A neuron input that makes the neuron fire exactly at ``positions`` (index tuples)."""
@@ -372,14 +374,7 @@ def test_report_json_table_and_plot(digits_run, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.json", "e.png"]  # no temp files
 
 
-TINY = UNetConfig(
-    image_channels=1,
-    image_size=8,
-    channels=8,
-    channel_mult=(1, 2),
-    num_res_blocks=1,
-    diffusion_steps=20,
-)
+TINY = tiny_unet_config(diffusion_steps=20)
 
 
 def test_cli_writes_json_and_plot(tmp_path):
@@ -691,10 +686,7 @@ def test_guided_sampling_energy_counts_two_evaluations_per_image_and_step():
     from sddpm.evaluation.energy import measure_sampling_energy
 
     torch.manual_seed(0)
-    cfg = UNetConfig(
-        image_channels=1, image_size=8, channels=8, channel_mult=(1, 2), num_res_blocks=1,
-        num_classes=3,
-    )  # fmt: skip
+    cfg = tiny_unet_config(num_classes=3)
     model = build_model(cfg).eval()
     kw = dict(sampler="ddim", steps=2, batch_size=2, progress=False, labels=[1])
     plain = measure_sampling_energy(model, 3, guidance=1.0, **kw)

@@ -46,7 +46,9 @@ from sddpm.evaluation import (
 )
 from sddpm.finite import NonFiniteError
 from sddpm.generation import generate, load_for_sampling
-from sddpm.models import UNetConfig, build_model, save_pretrained
+from sddpm.models import build_model, save_pretrained
+
+from unet_configs import tiny_unet_config
 
 T = 50
 
@@ -73,14 +75,7 @@ def digits_net(cache_env):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    cfg = UNetConfig(
-        image_channels=1,
-        image_size=8,
-        channels=8,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        diffusion_steps=T,
-    )
+    cfg = tiny_unet_config(diffusion_steps=T)
     torch.manual_seed(0)
     model = build_model(cfg)
     model.train()(torch.randn(8, 1, 8, 8), torch.randint(0, T, (8,)))  # BN running stats
@@ -628,10 +623,7 @@ def test_feature_networks_run_without_tf32_and_restore_it():
 
 @pytest.fixture(scope="module")
 def cond_model_dir(tmp_path_factory):
-    cfg = UNetConfig(
-        image_channels=1, image_size=8, channels=8, channel_mult=(1, 2), num_res_blocks=1,
-        diffusion_steps=T, num_classes=4,
-    )  # fmt: skip
+    cfg = tiny_unet_config(diffusion_steps=T, num_classes=4)
     torch.manual_seed(0)
     model = build_model(cfg)
     with torch.no_grad():

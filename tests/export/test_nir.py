@@ -18,15 +18,9 @@ from sddpm.export import NIRExportError, export_nir, nir_head, read_nir, write_n
 from sddpm.models import NeuronConfig, UNetConfig, build_model  # noqa: E402
 from sddpm.snn import SpikingNeuron  # noqa: E402
 
-SMALL = UNetConfig(
-    image_channels=2,
-    image_size=8,
-    channels=8,
-    channel_mult=(1, 2),
-    num_res_blocks=1,
-    diffusion_steps=20,
-    snn_timesteps=4,
-)
+from unet_configs import tiny_unet_config  # noqa: E402
+
+SMALL = tiny_unet_config(image_channels=2, diffusion_steps=20, snn_timesteps=4)
 
 
 # ---------------------------------------------------------------- an interpreter of NIR

@@ -16,20 +16,13 @@ from sddpm.models import (
 )
 from sddpm.models.labels import num_classes_of
 
+from unet_configs import tiny_unet_config
+
 CLASSES = 5
 
 
 def config(kind="spiking", num_classes=CLASSES):
-    return UNetConfig(
-        image_channels=1,
-        image_size=8,
-        channels=8,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        diffusion_steps=50,
-        kind=kind,
-        num_classes=num_classes,
-    )
+    return tiny_unet_config(diffusion_steps=50, kind=kind, num_classes=num_classes)
 
 
 def pair(kind="spiking"):

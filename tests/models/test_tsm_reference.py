@@ -19,6 +19,7 @@ from sddpm.models.tsm import TSMConv2d, TSMRepeatedConv2d, TSMSpikeConv2d, tsm_s
 from sddpm.snn import override_threshold, set_neuron_kernel
 
 from .test_reference_vectors import assert_output_matches, train_output_and_gradients
+from unet_configs import tiny_unet_config
 
 TSM_REFERENCE = Path(__file__).parents[1] / "data" / "sdm-tsm-small-gray.safetensors"
 
@@ -161,8 +162,7 @@ def test_round_trip_to_sdm_names(tsm_model, tsm_reference):
 def test_tsm_at_one_is_the_plain_model():
     """A TSM model starts as the plain model: same initial weights (no extra random draws)
     and, with its scales at 1, the same function, in train and eval mode."""
-    cfg = UNetConfig(image_channels=1, image_size=8, channels=8, channel_mult=(1, 2),
-                     num_res_blocks=1, snn_timesteps=3, diffusion_steps=50)  # fmt: skip
+    cfg = tiny_unet_config(snn_timesteps=3, diffusion_steps=50)
     torch.manual_seed(0)
     plain = build_model(cfg)
     after_plain = torch.rand(1)

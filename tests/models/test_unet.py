@@ -16,6 +16,8 @@ from sddpm.models import (
 )
 from sddpm.snn import spiking_neurons
 
+from unet_configs import tiny_unet_config
+
 # Published CIFAR-10 model: 66,696,413 parameters (DEVELOPERS.md). The others follow from the
 # same architecture with 1 image channel / the small digits configuration; the ANN twin has
 # exactly the same parameters.
@@ -39,16 +41,7 @@ def test_preset_parameter_counts():
 
 
 def tiny(kind="spiking", **kw):
-    cfg = UNetConfig(
-        image_channels=1,
-        image_size=8,
-        channels=8,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        diffusion_steps=50,
-        kind=kind,
-        **kw,
-    )
+    cfg = tiny_unet_config(diffusion_steps=50, kind=kind, **kw)
     torch.manual_seed(0)
     return build_model(cfg).eval()
 
