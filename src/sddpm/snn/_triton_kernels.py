@@ -16,10 +16,15 @@ interpreted kernel when the variable is set after ``import triton`` (which
 
 Only long-stable ``tl`` builtins are used (``program_id``, ``arange``, ``full``,
 ``load``/``store`` with masks, ``where``, ``abs``, ``exp``, ``math.div_rn``, ``static_range``);
-the tests pass under the interpreters of triton 3.6 (torch 2.11) and 3.9 (torch 2.13).
-Offsets are int64: one step of a large batch may hold more than 2^31 neurons, past which
-int32 offsets would wrap. ``div_rn`` is IEEE division (``/`` is an approximate division on NVIDIA GPUs) so that a LIF
-membrane is bit-for-bit the eager one on the CPU.
+the tests pass under the interpreters of triton 3.6 (torch 2.11) and 3.9 (torch 2.13), and
+compile every variant to cubins for sm_80 and sm_90 with both
+(``tests/snn/test_triton_compile.py``; Triton's NVIDIA backend needs no GPU for that).
+
+``div_rn`` is IEEE division (``/`` is an approximate division on NVIDIA GPUs), and launches
+turn multiply-add fusion off (:data:`sddpm.snn.triton_neuron.COMPILE_OPTIONS`), so that the
+float operations are rounded as the eager loop rounds them: a LIF membrane is bit-for-bit the
+eager one on the CPU. Offsets are int64: one step of a large batch may hold more than 2^31
+neurons, past which int32 offsets would wrap.
 """
 
 from __future__ import annotations

@@ -34,6 +34,11 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BLOCK = 1024
 """Neurons per Triton program (read at each launch)."""
 
+COMPILE_OPTIONS = {"enable_fp_fusion": False}
+"""Options of every launch. No multiply-add fusion: each product and sum is rounded as the
+eager loop rounds it, whatever the Triton version's default (triton 3.9 fuses unless told,
+and says 3.10 will not)."""
+
 
 def available() -> bool:
     """Whether ``import triton`` works here."""
@@ -62,6 +67,7 @@ def _kernels():
 
 def _launch(kernel, x: torch.Tensor, n: int, *args, **meta) -> None:
     grid = (max(1, -(-n // meta["BLOCK"])),)
+    meta = {**COMPILE_OPTIONS, **meta}
     if x.is_cuda:
         with torch.cuda.device(x.device):
             kernel[grid](*args, **meta)
