@@ -62,6 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--json", type=Path, default=None, help="write the results here (after every row)"
     )
     ap.add_argument(
+        "--markdown",
+        type=Path,
+        default=None,
+        help="also write the final table here as Markdown (for benchmarks/README.md)",
+    )
+    ap.add_argument(
         "--only",
         default=None,
         help=f"comma-separated checks to run (default all): {', '.join(SECTIONS)}",
@@ -96,6 +102,25 @@ class Checks:
         self.rows.append({**row, **data})
         print(f"  {status:4}  {name}: {value} {detail}".rstrip(), flush=True)
         self.write("INCOMPLETE")
+
+    def markdown(self) -> str:
+        """The table as Markdown, under a line naming the machine, the versions and the verdict
+        (``|`` in a cell is escaped)."""
+        h = self.header
+        cols = ("check", "status", "value", "detail")
+        lines = [
+            f"`gpu_check.py` on {h.get('device_name', '?')} ({h.get('device', '?')}): torch "
+            f"{h.get('torch', '?')}, triton {h.get('triton', '?')}, Python {h.get('python', '?')}"
+            + (", --quick" if h.get("quick") else "")
+            + f"; {self.verdict} in {time.perf_counter() - self.started:.0f} s.",
+            "",
+            "| " + " | ".join(cols) + " |",
+            "| " + " | ".join("---" for _ in cols) + " |",
+        ]
+        for r in self.rows:
+            cells = (str(r[c]).replace("|", "\\|") for c in cols)
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
 
     @property
     def verdict(self) -> str:
@@ -717,6 +742,11 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(checks.table())
     verdict = checks.finish()
+    if args.markdown is not None:
+        from sddpm.io import atomic_path
+
+        with atomic_path(args.markdown) as tmp_md:
+            tmp_md.write_text(checks.markdown())
     print(f"{verdict} ({seconds:.0f} s)")
     return 0 if checks.passed else 1
 

@@ -147,3 +147,20 @@ def test_only_with_an_unknown_check_is_one_clear_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "warp" in lines[0] and "training, resume, kernels" in lines[0]
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_the_markdown_table_has_a_row_per_check():
+    header = {"device_name": "NVIDIA H200", "device": "cuda", "torch": "2.11.0", "triton": "3.6.0",
+              "python": "3.12.1", "quick": False}  # fmt: skip
+    checks = _load_script().Checks(None, header)
+    checks.add("train spiking", "PASS", "1612.0 img/s", "batch 128 bf16")
+    checks.add("target: spiking / ANN step", "MISS", "4.20x", "<= 4x | a pipe")
+    lines = checks.markdown().splitlines()
+    assert lines[0].startswith("`gpu_check.py` on NVIDIA H200 (cuda): torch 2.11.0, triton 3.6.0")
+    assert "; PASS in" in lines[0]  # a MISSed target does not fail the check
+    assert lines[2:] == [
+        "| check | status | value | detail |",
+        "| --- | --- | --- | --- |",
+        "| train spiking | PASS | 1612.0 img/s | batch 128 bf16 |",
+        "| target: spiking / ANN step | MISS | 4.20x | <= 4x \\| a pipe |",
+    ]
