@@ -129,13 +129,22 @@ def test_only_runs_the_named_checks(tmp_path):
     out = tmp_path / "gpu_check.json"
     cmd = [sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--json", str(out)]
     proc = subprocess.run(
-        [*cmd, "--only", "inception"],
-        capture_output=True, text=True, timeout=300, env=_env(), cwd=tmp_path,
+        [*cmd, "--only", "compiled-training,training"],
+        capture_output=True, text=True, timeout=600, env=_env(), cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     record = json.loads(out.read_text())
-    assert record["verdict"] == "PASS" and record["sections"] == ["inception"]
-    assert [r["check"] for r in record["checks"]] == ["Inception features vs CPU"]
+    assert record["verdict"] == "PASS"
+    assert record["sections"] == ["training", "compiled-training"]  # in run order
+    rows = {r["check"]: r for r in record["checks"]}
+    assert not any("Inception" in name or "kernel" in name for name in rows)
+    for kind in ("spiking", "ann"):  # the compiled step trains as the eager one
+        compiled = rows[f"train {kind} compile (aot_eager)"]
+        assert compiled["compile_backend"] == "aot_eager" and compiled["images_per_s"] > 0
+        assert (compiled["compiled_graphs"], compiled["graph_breaks"]) == (1, 0)
+        assert abs(compiled["loss"] - rows[f"train {kind}"]["loss"]) < 1e-5
+        assert compiled["conv_flops_per_step"] == rows[f"train {kind}"]["conv_flops_per_step"]
+    assert "target: spiking / ANN step (compiled)" in rows
 
 
 def test_only_with_an_unknown_check_is_one_clear_line(tmp_path):
