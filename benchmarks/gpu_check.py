@@ -280,6 +280,32 @@ def training_batch(args) -> int:
     return args.batch or (2 if args.quick else 128)
 
 
+COMPILED_GRADIENT_TOLERANCE = 0.1
+"""Largest ``max |compiled grad - eager grad| / max |eager grad|`` over all parameters of a
+first update that counts as the same gradients: compilation rounds otherwise, and under bf16
+a membrane within rounding of the threshold may flip a spike; a lost gradient gives 1."""
+
+
+def gradients(model) -> dict:
+    """Every parameter's gradient (float32 copies), by name."""
+    return {n: p.grad.detach().float().clone() for n, p in model.named_parameters()
+            if p.grad is not None}  # fmt: skip
+
+
+def gradient_difference(grads: dict, reference: dict) -> float:
+    """``max |grads - reference|`` over all parameters, over ``max |reference|``; 1 or more
+    where a parameter has no gradient in ``grads`` (and ``math.inf`` for none at all)."""
+    scale = max((float(g.abs().max()) for g in reference.values()), default=0.0)
+    if scale == 0.0 or not grads:
+        return math.inf
+    worst = 0.0
+    for name, ref in reference.items():
+        got = grads.get(name)
+        diff = float(ref.abs().max()) if got is None else float((got - ref).abs().max())
+        worst = max(worst, diff / scale if got is not None else max(diff / scale, 1.0))
+    return worst
+
+
 def time_training(
     checks: Checks, args, device, kind: str, memory_format: str, backend: str | None = None
 ) -> dict | None:
@@ -293,6 +319,12 @@ def time_training(
     name = f"train {kind}" + ("" if memory_format == "contiguous" else f" {memory_format}")
     name += f" compile ({backend})" if backend else ""
     with checks.run(name):
+        ref_grads = None
+        if backend:  # the first update's gradients of the same model, eagerly
+            ref = TrainingStep(preset_name, kind, batch, device, shrink, memory_format)
+            ref()
+            ref_grads = gradients(ref.model)
+            del ref
         reset_peak(device)
         step = TrainingStep(preset_name, kind, batch, device, shrink, memory_format)
         t_compile = time.perf_counter()
@@ -306,10 +338,11 @@ def time_training(
         losses = [step()]
         sync(device)
         first_step_s = time.perf_counter() - t_compile
-        graphs = breaks = None
+        graphs = breaks = grad_diff = None
         if backend:  # one graph, no break, is what the tests find on the CPU
             graphs = counters["stats"]["unique_graphs"] - graphs_before
             breaks = sum(counters["graph_break"].values()) - breaks_before
+            grad_diff = gradient_difference(gradients(step.model), ref_grads)
         losses += [step() for _ in range(warmup - 1)]
         sync(device)
         t0 = time.perf_counter()
@@ -323,6 +356,7 @@ def time_training(
         step.net = net
         mem = peak_gib(device)
         ok = all(math.isfinite(float(v)) for v in losses)
+        ok = ok and (grad_diff is None or grad_diff <= COMPILED_GRADIENT_TOLERANCE)
         hours = seconds * 500_000 / 3600
         checks.add(
             name,
@@ -333,7 +367,8 @@ def time_training(
             + (f"peak {mem:.2f} GiB, " if mem is not None else "")
             + f"500k steps {hours:.1f} h"
             + (
-                f", first step {first_step_s:.0f} s, {graphs} graph(s), {breaks} break(s)"
+                f", first step {first_step_s:.0f} s, {graphs} graph(s), {breaks} break(s), "
+                f"gradients vs eager {grad_diff:.1e} (<= {COMPILED_GRADIENT_TOLERANCE:g})"
                 if backend
                 else ""
             ),
@@ -342,6 +377,7 @@ def time_training(
             compile_backend=backend,
             compiled_graphs=graphs,
             graph_breaks=breaks,
+            gradient_difference=grad_diff,
             s_per_step=seconds,
             peak_gib=mem,
             loss=loss,

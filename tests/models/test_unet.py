@@ -171,10 +171,13 @@ def test_stem_once_equals_batchnorm_on_the_repeated_image():
 )
 def test_torch_compile_traces_the_model_in_one_graph(changes):
     """No graph break in a training step (forward, and the backward Dynamo traces with the
-    neurons' autograd functions). A break per layer makes Dynamo recompile the rest for every
-    layer's shapes and go dynamic; on torch 2.11 (the GPU machines) the autocast queries of the
-    spike-fed convs did that, and inductor then failed on the dynamic strides; in
-    channels-last, ``out=`` into a non-contiguous step did it on every torch."""
+    neurons' autograd functions), and the traced step's gradients are eager mode's. A break per
+    layer makes Dynamo recompile the rest for every layer's shapes and go dynamic; on torch 2.11
+    (the GPU machines) the autocast queries of the spike-fed convs did that, and inductor then
+    failed on the dynamic strides; in channels-last, ``out=`` into a non-contiguous step did it
+    on every torch. And on torch 2.11 every parameter had a zero gradient, because Dynamo
+    loses the gradient of an autograd Function output returned by an aliasing op: the
+    neurons' no-op ``.to`` and the head step sum's ``out=``. ``--compile`` trained nothing."""
     from torch._dynamo.testing import CompileCounter
 
     from sddpm.models import set_memory_format
@@ -186,8 +189,19 @@ def test_torch_compile_traces_the_model_in_one_graph(changes):
     model.check_t_values = model.check_y_values = False  # as the trainer sets them
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 999])
     y = torch.tensor([0, 3]) if changes.get("num_classes") else None
+    model(x, t, y).square().mean().backward()
+    eager = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
     torch._dynamo.reset()
     counter = CompileCounter()
     step = torch.compile(lambda x, t: model(x, t, y).square().mean(), backend=counter)
     step(x, t).backward()
     assert counter.frame_count == 1
+    traced = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert traced.keys() == eager.keys() and len(eager) > 50
+    # the same ops, eagerly run: the same gradients, but for rounding (the biases of convs
+    # before a BatchNorm have a true gradient of 0: theirs is rounding noise, ~1e-12)
+    scale = max(float(g.abs().max()) for g in eager.values())
+    assert scale > 1e-4
+    for name, grad in eager.items():
+        torch.testing.assert_close(traced[name], grad, rtol=1e-5, atol=1e-6 * scale, msg=name)

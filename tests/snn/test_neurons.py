@@ -236,3 +236,30 @@ def test_16_bit_input_is_integrated_in_float32():
         torch.testing.assert_close(grad.float(), grad_ref.to(torch.bfloat16).float())
     low, high = SpikingNeuron(threshold=0.997)(x), SpikingNeuron(threshold=1.0)(x)
     assert (low != high).any()  # the 0.3 % move is visible
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_traced_neuron_layer_trains_as_in_eager_mode(neuron_variant, dtype):
+    """Under ``torch.compile`` (Dynamo's tracing, run by the eager backend) the neuron layer
+    gives eager mode's spikes and input gradients. Torch 2.11's Dynamo gave a float32 layer a
+    zero gradient: its autograd Function returned the spikes through a no-op ``.to``, and an
+    output returned by an aliasing op loses its gradient there."""
+    torch.manual_seed(0)
+    x = (torch.randn(4, 2, 3, 5, 5) * 0.8 + 0.45).to(dtype)
+    upstream = torch.randn(x.shape)
+    neuron = neuron_variant()
+
+    def loss(x):
+        return (neuron(x).float() * upstream).sum()
+
+    results = []
+    for fn in (loss, torch.compile(loss, backend="eager")):
+        torch._dynamo.reset()
+        xi = x.clone().requires_grad_()
+        value = fn(xi)
+        value.backward()
+        results.append((value.detach(), xi.grad))
+    (eager_loss, eager_grad), (traced_loss, traced_grad) = results
+    assert float(eager_grad.float().abs().max()) > 0
+    torch.testing.assert_close(traced_loss, eager_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(traced_grad, eager_grad, rtol=1e-5, atol=1e-6)

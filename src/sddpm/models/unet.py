@@ -192,13 +192,19 @@ class _DecayedStepSum(torch.autograd.Function):
     """``sum_i w_i out[i]`` over the SNN steps of ``out [S, B, C, H, W]``, for constant weights
     ``w [S]``, in each step's layout (channels-last stays channels-last) both ways. Autograd's
     own backward of this sum (or of indexing the steps) would build NCHW gradients, which a
-    channels-last model's head convs would then have to transpose."""
+    channels-last model's head convs would then have to transpose.
+
+    Traced (``torch.compile``), the forward returns a plain sum, not ``out=``'s result (the
+    compiler picks the layout itself): Dynamo 2.11 loses the gradient of an autograd Function
+    output that an aliasing op returns, so every parameter got a zero gradient."""
 
     @staticmethod
     def forward(ctx, out, weights):
         step = torch.empty_like(out[0])
         ctx.save_for_backward(weights)
         ctx.layout = (out.shape, (step.numel(), *step.stride()), out.dtype, out.device)
+        if torch.compiler.is_compiling():
+            return (out * weights.view(-1, 1, 1, 1, 1)).sum(dim=0)
         return torch.sum(out * weights.view(-1, 1, 1, 1, 1), dim=0, out=step)
 
     @staticmethod

@@ -209,7 +209,9 @@ def _run_forward(kernel: str, x_seq: torch.Tensor, *settings, keep_h: bool):
     if kernel == "triton":
         return triton_neuron.forward(x_seq, *settings, keep_h)
     spikes, v, h_seq = _loop(_forward_loop, kernel)(_membrane_dtype(x_seq), *settings, keep_h)
-    return spikes.to(x_seq.dtype), v, h_seq
+    if spikes.dtype != x_seq.dtype:  # never a no-op .to: an output that aliases a tensor
+        spikes = spikes.to(x_seq.dtype)  # loses its gradient under Dynamo 2.11
+    return spikes, v, h_seq
 
 
 class MultiStepNeuronFunction(torch.autograd.Function):
