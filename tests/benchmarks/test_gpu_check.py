@@ -145,7 +145,9 @@ def test_only_runs_the_named_checks(tmp_path):
         compiled = rows[f"train {kind} compile (aot_eager)"]
         assert compiled["compile_backend"] == "aot_eager" and compiled["images_per_s"] > 0
         assert (compiled["compiled_graphs"], compiled["graph_breaks"]) == (1, 0)
-        assert compiled["gradient_difference"] < 1e-5  # the first update's, against eager
+        agreement = compiled["gradient_agreement"]  # the first update's, against eager
+        assert agreement["max_abs_diff"] < 1e-5
+        assert all(abs(r - 1) < 1e-4 for r in agreement["norm_ratio"])
         assert abs(compiled["loss"] - rows[f"train {kind}"]["loss"]) < 1e-3
         assert compiled["conv_flops_per_step"] == rows[f"train {kind}"]["conv_flops_per_step"]
     assert "target: spiking / ANN step (compiled)" in rows
@@ -179,13 +181,29 @@ def test_the_markdown_table_has_a_row_per_check():
     ]
 
 
-def test_gradient_difference_finds_a_lost_gradient():
+def test_gradient_agreement_finds_a_lost_gradient():
     gpu_check = _load_script()
-    ref = {"a": torch.tensor([1.0, -4.0]), "b": torch.tensor([0.5])}
-    assert gpu_check.gradient_difference({k: v.clone() for k, v in ref.items()}, ref) == 0.0
-    near = {"a": torch.tensor([1.0, -4.2]), "b": torch.tensor([0.5])}
-    assert gpu_check.gradient_difference(near, ref) == pytest.approx(0.05)
+    ref = {"a": torch.tensor([3.0, -4.0]), "b": torch.tensor([0.5]), "bias": torch.tensor([1e-9])}
+    same = gpu_check.gradient_agreement({k: v.clone() for k, v in ref.items()}, ref)
+    assert same == {"max_abs_diff": 0.0, "norm_ratio": (1.0, 1.0)} and gpu_check.gradients_agree(
+        same
+    )
+    noisy = {
+        "a": torch.tensor([3.0, -4.2]),
+        "b": torch.tensor([0.5]),
+        "bias": torch.tensor([-3e-9]),
+    }
+    near = gpu_check.gradient_agreement(noisy, ref)  # the bias is below 1e-6 of the largest norm
+    assert near["max_abs_diff"] == pytest.approx(0.05)
+    assert near["norm_ratio"] == pytest.approx((1.0, (3**2 + 4.2**2) ** 0.5 / 5))
+    assert gpu_check.gradients_agree(near)
     zeros = {k: torch.zeros_like(v) for k, v in ref.items()}  # what torch 2.11 once traced
-    assert gpu_check.gradient_difference(zeros, ref) == 1.0
-    assert gpu_check.gradient_difference({"a": ref["a"]}, ref) == 1.0  # b lost its gradient
-    assert gpu_check.gradient_difference({}, ref) == float("inf")
+    lost = gpu_check.gradient_agreement(zeros, ref)
+    assert lost == {"max_abs_diff": 1.0, "norm_ratio": (0.0, 0.0)}
+    assert not gpu_check.gradients_agree(lost)
+    missing = gpu_check.gradient_agreement({"a": ref["a"]}, ref)  # b lost its gradient
+    assert missing["norm_ratio"] == (0.0, 1.0) and not gpu_check.gradients_agree(missing)
+    doubled = gpu_check.gradient_agreement({k: 2.5 * v for k, v in ref.items()}, ref)
+    assert not gpu_check.gradients_agree(doubled)
+    with pytest.raises(ValueError, match="all zero"):
+        gpu_check.gradient_agreement(ref, zeros)
