@@ -598,19 +598,24 @@ def check_ddp(checks: Checks, workdir: Path, device, backend: str) -> None:
             checks.add(name, "FAIL", f"exit {proc.returncode}", worker_error(proc))
             return
         r = json.loads(report.read_text())
+        agreement = r["gradient_agreement"]
         ok = r["world_size"] == 1 and all(math.isfinite(v) for v in r["losses"])
+        ok = ok and gradients_agree(agreement)
         checks.add(
             name,
             "PASS" if ok else "FAIL",
             f"backend {r['backend']}",
-            f"world {r['world_size']}, losses {', '.join(f'{v:.4f}' for v in r['losses'])}",
+            f"world {r['world_size']}, losses {', '.join(f'{v:.4f}' for v in r['losses'])}, "
+            "gradient norms {:.3f}..{:.3f} of eager's".format(*agreement["norm_ratio"]),
+            gradient_agreement=agreement,
         )
 
 
 def ddp_worker(spec_path: Path) -> None:
     """Run under ``torch.distributed.run``: training steps of a small cifar10-architecture model
     wrapped in DistributedDataParallel and then ``torch.compile``, as ``sddpm train
-    --compile`` does under torchrun, in a process group of the device's backend."""
+    --compile`` does under torchrun, in a process group of the device's backend; the first
+    update's gradients against the same model's, trained eagerly without DDP."""
     import torch
     import torch.distributed as dist
 
@@ -622,15 +627,21 @@ def ddp_worker(spec_path: Path) -> None:
         kwargs["device_id"] = device
     dist.init_process_group(**kwargs)
     try:
+        ref = TrainingStep("cifar10", "spiking", 2, device, QUICK_MODEL)  # eager, no DDP
+        ref()
+        ref_grads = gradients(ref.model)
         step = TrainingStep("cifar10", "spiking", 2, device, QUICK_MODEL)
         ids = [device.index] if device.type == "cuda" else None
         ddp = torch.nn.parallel.DistributedDataParallel(step.model, ids)
         step.net = torch.compile(ddp, backend=spec["backend"])
-        losses = [float(step()) for _ in range(2)]
+        losses = [float(step())]
+        agreement = gradient_agreement(gradients(step.model), ref_grads)  # the same update
+        losses.append(float(step()))
         record = {"backend": dist.get_backend(), "world_size": dist.get_world_size()}
     finally:
         dist.destroy_process_group()
     record["losses"] = losses
+    record["gradient_agreement"] = agreement
     (Path(spec["out"]) / "ddp-result.json").write_text(json.dumps(record))
 
 

@@ -59,6 +59,8 @@ def test_quick_cpu_run_passes_every_check(tmp_path):
     for kind in ("spiking", "ann"):
         assert rows[f"train {kind}"]["images_per_s"] > 0
     assert rows["checkpoint + resume"]["max_abs_diff"] == 0.0  # bit-identical on the CPU
+    (ddp,) = [r for name, r in rows.items() if name.startswith("DDP one-process step")]
+    assert all(abs(r - 1) < 1e-4 for r in ddp["gradient_agreement"]["norm_ratio"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
