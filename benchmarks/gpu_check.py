@@ -137,7 +137,7 @@ class Checks:
 
         seconds = time.perf_counter() - self.started
         record = {"verdict": verdict, "seconds": seconds, **self.header, "checks": self.rows}
-        write_json(self.report, record)
+        write_json(self.report, json_safe(record))
 
     def finish(self) -> str:
         """The verdict, written into the report."""
@@ -168,6 +168,18 @@ class Checks:
         for r in self.rows:
             lines.append("  ".join(str(r[c]).ljust(w) for c, w in zip(cols, widths, strict=True)))
         return "\n".join(lines)
+
+
+def json_safe(obj):
+    """``obj`` with every NaN or infinity written as its name (``"nan"``, ``"inf"``,
+    ``"-inf"``): JSON has no such numbers, and a diverged loss must not stop the report."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def sync(device) -> None:

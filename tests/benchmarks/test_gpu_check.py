@@ -119,6 +119,9 @@ def test_the_report_is_written_after_every_row(tmp_path):
     assert record["verdict"] == "INCOMPLETE" and record["device"] == "cpu"
     assert [r["check"] for r in record["checks"]] == ["train spiking"]
     assert record["checks"][0]["images_per_s"] == 12.0
+    checks.add("train ann", "FAIL", "nan img/s", loss=float("nan"), ratio=(float("inf"), 1.0))
+    record = json.loads(report.read_text())  # a diverged loss is named, and the report goes on
+    assert record["checks"][-1]["loss"] == "nan" and record["checks"][-1]["ratio"] == ["inf", 1.0]
     with checks.run("resume"):
         raise OSError("disk full")
     assert json.loads(report.read_text())["checks"][-1]["status"] == "FAIL"
