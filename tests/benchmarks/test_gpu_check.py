@@ -39,7 +39,9 @@ def test_quick_cpu_run_passes_every_check(tmp_path):
     assert proc.stdout.strip().splitlines()[-1].startswith("PASS")
     record = json.loads(out.read_text())
     assert record["verdict"] == "PASS" and record["quick"] is True
-    assert record["sections"] == ["training", "resume", "kernels", "sampling", "inception", "ddp"]
+    assert record["sections"] == [
+        "training", "resume", "kernels", "sampling", "inception", "ddp", "compiled-gradients"
+    ]  # fmt: skip
     rows = {r["check"]: r for r in record["checks"]}
     from sddpm.snn import fused
 
@@ -61,6 +63,10 @@ def test_quick_cpu_run_passes_every_check(tmp_path):
     assert rows["checkpoint + resume"]["max_abs_diff"] == 0.0  # bit-identical on the CPU
     (ddp,) = [r for name, r in rows.items() if name.startswith("DDP one-process step")]
     assert all(abs(r - 1) < 1e-4 for r in ddp["gradient_agreement"]["norm_ratio"])
+    for kind in ("spiking", "ann"):  # float32 compiled gradients are eager mode's
+        agreement = rows[f"compiled gradients {kind} (aot_eager, fp32)"]["gradient_agreement"]
+        assert agreement["max_abs_diff"] < 1e-5
+        assert all(abs(r - 1) < 1e-4 for r in agreement["norm_ratio"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
@@ -150,9 +156,6 @@ def test_only_runs_the_named_checks(tmp_path):
         compiled = rows[f"train {kind} compile (aot_eager)"]
         assert compiled["compile_backend"] == "aot_eager" and compiled["images_per_s"] > 0
         assert (compiled["compiled_graphs"], compiled["graph_breaks"]) == (1, 0)
-        agreement = compiled["gradient_agreement"]  # the first update's, against eager
-        assert agreement["max_abs_diff"] < 1e-5
-        assert all(abs(r - 1) < 1e-4 for r in agreement["norm_ratio"])
         assert abs(compiled["loss"] - rows[f"train {kind}"]["loss"]) < 1e-3
         assert compiled["conv_flops_per_step"] == rows[f"train {kind}"]["conv_flops_per_step"]
     assert "target: spiking / ANN step (compiled)" in rows
