@@ -296,9 +296,9 @@ def training_batch(args) -> int:
 
 GRADIENT_NORM_RATIO = (0.5, 2.0)
 """The range each parameter's compiled-gradient norm must keep, as a fraction of its eager
-norm, in a compiled first update. A lost gradient gives 0; rounding (and, under bf16, the odd
-spike flipped by it) moves a norm by far less than 2x, where an elementwise tolerance would
-have to guess how far flipped spikes move single gradients."""
+norm, in a compiled float32 first update (:func:`parity_gradients`). A lost gradient gives 0;
+float32 rounding, and the rare spike it flips, moves a norm by far less than 2x, where an
+elementwise tolerance would have to guess how far a flipped spike moves single gradients."""
 
 
 def gradients(model) -> dict:
